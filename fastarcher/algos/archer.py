@@ -1,0 +1,171 @@
+"""ArCHer losses: utterance-level double critic with target networks, token-level policy gradient.
+
+Paper: Zhou et al. 2024, "ArCHer: Training Language Model Agents via Hierarchical Multi-Turn RL",
+https://arxiv.org/abs/2402.19446. Reference code: github.com/YifeiZhou02/ArCHer,
+archer/algorithms/archer/trainer.py (`critic_loss`, `actor_loss`). The math here is the same:
+
+- Q_i(s, a) regresses to  y_Qi = r + γ (1 − done) · V̄_i(s′)   (head i with its own target V head, no min)
+- V_i(s)    regresses to  y_Vi = Q̄_i(s, a′),  a′ ~ π(·|s) freshly sampled from the current policy
+- critic loss = MSE(Q1, y_Q1) + MSE(Q2, y_Q2) + MSE(V1, y_V1) + MSE(V2, y_V2)
+- advantage A = min(Q1, Q2)(s, a′) − min(V1, V2)(s), online critic, no gradient
+- actor loss = −mean_b(A_b · Σ_h log π(a′_h | s, a′_<h)) − entropy_coeff · mean_b(entropy_b)
+
+Every function is pure (tensors in, tensors out): no model calls, no `.item()`, no collectives. Losses
+are means over the rows of one microbatch; with gradient accumulation over k microbatches the trainer
+divides each loss by k, so the step sees the mean over all k·B rows and the learning rate does not
+depend on k. (The reference code sums the k microbatch gradients instead, i.e. its effective lr is
+k times ours.) Metrics are detached 0-d tensors keyed `section/name`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _std(x: Tensor) -> Tensor:
+    """Population std (defined for a single row too)."""
+    return x.std(correction=0) if x.numel() > 0 else x.new_zeros(())
+
+
+@torch.no_grad()
+def critic_targets(
+    *,
+    reward: Tensor,
+    done: Tensor,
+    target_v1_next: Tensor,
+    target_v2_next: Tensor,
+    target_q1_fresh: Tensor,
+    target_q2_fresh: Tensor,
+    gamma: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Regression targets (y_Q1, y_Q2, y_V1, y_V2), each (B,), detached.
+
+    reward, done: (B,) from the buffer (done = 1.0 at the last turn).
+    target_vi_next: V̄_i(s′) from the target critic on the next state.
+    target_qi_fresh: Q̄_i(s, a′) from the target critic with a′ ~ π(·|s) sampled now.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma ({gamma}) must be in [0, 1]")
+    not_done = 1.0 - done.to(reward.dtype)  # (B,) zero after the last turn: no bootstrap
+    y_q1 = reward + gamma * not_done * target_v1_next
+    y_q2 = reward + gamma * not_done * target_v2_next
+    return y_q1.detach(), y_q2.detach(), target_q1_fresh.detach(), target_q2_fresh.detach()
+
+
+def critic_loss(
+    *,
+    q1: Tensor, q2: Tensor, v1: Tensor, v2: Tensor,
+    y_q1: Tensor, y_q2: Tensor, y_v1: Tensor, y_v2: Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sum of four MSEs (each a mean over the B rows); targets are detached here as well.
+
+    Metrics: critic/loss = critic/q_loss + critic/v_loss, where q_loss = MSE(Q1)+MSE(Q2) and
+    v_loss = MSE(V1)+MSE(V2); head means and target means.
+    """
+    y_q1, y_q2, y_v1, y_v2 = (y.detach() for y in (y_q1, y_q2, y_v1, y_v2))
+    q1_loss = F.mse_loss(q1, y_q1)
+    q2_loss = F.mse_loss(q2, y_q2)
+    v1_loss = F.mse_loss(v1, y_v1)
+    v2_loss = F.mse_loss(v2, y_v2)
+    q_loss = q1_loss + q2_loss
+    v_loss = v1_loss + v2_loss
+    loss = q_loss + v_loss
+    q1d, q2d, v1d, v2d = q1.detach(), q2.detach(), v1.detach(), v2.detach()
+    metrics = {
+        "critic/loss": loss.detach(),
+        "critic/q_loss": q_loss.detach(),
+        "critic/v_loss": v_loss.detach(),
+        "critic/q1_loss": q1_loss.detach(),
+        "critic/q2_loss": q2_loss.detach(),
+        "critic/v1_loss": v1_loss.detach(),
+        "critic/v2_loss": v2_loss.detach(),
+        "critic/q_mean": torch.minimum(q1d, q2d).mean(),
+        "critic/v_mean": torch.minimum(v1d, v2d).mean(),
+        "critic/q1_mean": q1d.mean(),
+        "critic/q2_mean": q2d.mean(),
+        "critic/v1_mean": v1d.mean(),
+        "critic/v2_mean": v2d.mean(),
+        "critic/q1_std": _std(q1d),
+        "critic/v1_std": _std(v1d),
+        "critic/target_q_mean": 0.5 * (y_q1.mean() + y_q2.mean()),
+        "critic/target_v_mean": 0.5 * (y_v1.mean() + y_v2.mean()),
+    }
+    return loss, metrics
+
+
+@torch.no_grad()
+def archer_advantage(*, q1: Tensor, q2: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
+    """A = min(Q1, Q2)(s, a′) − min(V1, V2)(s), (B,), detached (the actor never trains the critic)."""
+    return (torch.minimum(q1, q2) - torch.minimum(v1, v2)).detach()
+
+
+def actor_loss(
+    *,
+    logprob_sum: Tensor,
+    advantage: Tensor,
+    entropy: Tensor | None = None,
+    entropy_coeff: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Utterance-level policy gradient: −mean_b(A_b · Σ_h log π(a_h|s, a_<h)) − entropy_coeff · mean_b(H_b).
+
+    logprob_sum: (B,) Σ over the utterance's tokens of log π (differentiable).
+    advantage: (B,) treated as a constant (detached here).
+    entropy: (B,) per-utterance policy entropy (e.g. mean token entropy), needed when entropy_coeff ≠ 0.
+    Minimising −A·log π raises the probability of utterances with positive advantage.
+    """
+    if entropy_coeff != 0.0 and entropy is None:
+        raise ValueError(f"actor entropy_coeff ({entropy_coeff}) is non-zero but no entropy was given")
+    advantage = advantage.detach().to(logprob_sum.dtype)
+    pg_loss = -(advantage * logprob_sum).mean()
+    loss = pg_loss
+    metrics = {
+        "actor/pg_loss": pg_loss.detach(),
+        "actor/advantage_mean": advantage.mean(),
+        "actor/advantage_std": _std(advantage),
+        "actor/advantage_min": advantage.min(),
+        "actor/advantage_max": advantage.max(),
+        "actor/logprob_mean": logprob_sum.detach().mean(),
+    }
+    if entropy is not None:
+        entropy_mean = entropy.mean()
+        if entropy_coeff != 0.0:
+            loss = loss - entropy_coeff * entropy_mean
+        metrics["actor/entropy"] = entropy_mean.detach()
+    metrics["actor/loss"] = loss.detach()
+    return loss, metrics
+
+
+def token_baseline_actor_loss(
+    *,
+    token_logprobs: Tensor,
+    token_values: Tensor,
+    advantage: Tensor,
+    mask: Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """"ArCHer with token-level baseline": per-token values b_h regress to the utterance advantage A,
+    and the policy gradient uses the residual A − b_h at every token.
+
+    token_logprobs, token_values, mask: (B, T); advantage: (B,).
+    loss = −mean_b Σ_h mask·(A − b_h)·log π_h  +  Σ mask·(A − b_h)² / Σ mask
+    The residual is detached in the policy term; the value term trains only b. The reference code
+    averages the value loss over all B·T positions (pads included as zeros); we average over real
+    tokens, which only rescales that term.
+    """
+    mask = mask.to(token_logprobs.dtype)
+    advantage = advantage.detach().to(token_logprobs.dtype)[:, None]  # (B, 1)
+    residual = advantage - token_values  # (B, T)
+    value_loss = (residual.pow(2) * mask).sum() / mask.sum().clamp(min=1.0)  # mean over real tokens
+    pg_loss = -(residual.detach() * token_logprobs * mask).sum(dim=1).mean()
+    loss = pg_loss + value_loss
+    num_tokens = mask.sum().clamp(min=1.0)
+    metrics = {
+        "actor/pg_loss": pg_loss.detach(),
+        "actor/value_loss": value_loss.detach(),
+        "actor/advantage_mean": advantage.mean(),
+        "actor/advantage_std": _std(advantage),
+        "actor/token_value_mean": (token_values.detach() * mask).sum() / num_tokens,
+        "actor/residual_advantage_mean": (residual.detach() * mask).sum() / num_tokens,
+        "actor/loss": loss.detach(),
+    }
+    return loss, metrics

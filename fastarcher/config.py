@@ -1,0 +1,290 @@
+"""Typed configuration: one dataclass per part, nested in `TrainConfig`, turned into flags by tyro.
+
+A YAML preset (`--config configs/tiny_cpu.yaml`) fills the defaults first; any flag given on the
+command line overrides it. `TrainConfig.validate()` checks cross-field rules before any work starts and
+names the field to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fastarcher.critic import CriticConfig
+from fastarcher.envs import EnvConfig
+from fastarcher.model import ModelConfig
+from fastarcher.traces.config import TraceConfig
+
+Algo = Literal["archer", "reinforce", "filtered_bc", "sft"]
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    engine: Literal["hf", "sglang"] = "hf"
+    """Rollout engine: 'hf' (transformers, KV cache; the CPU default) or 'sglang' (GPU, colocated)."""
+    num_envs: int = 50
+    """Episodes collected per iteration, over all ranks (ArCHer's rollout_size)."""
+    temperature: float = 1.0
+    """Sampling temperature for training rollouts and fresh actions a′."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    max_new_tokens: int = 16
+    """Longest utterance; generation also stops at the newline stop token."""
+    constrain_actions: bool = True
+    """Decode only the environment's declared action set (prefix-constrained sampling); log-probs in
+    training are those of the same constrained distribution."""
+    max_batch: int = 256
+    """Largest batch one engine forward handles (larger requests are split)."""
+    sync_bucket_mb: int = 64
+    """Bucket size when pushing FSDP shards into the engine after an actor update."""
+
+    def validate(self) -> None:
+        _positive(self, "rollout", "num_envs", "max_new_tokens", "max_batch", "sync_bucket_mb")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature ({self.temperature}) must be > 0 (use eval greedy for argmax)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p ({self.top_p}) must be in (0, 1]")
+
+
+@dataclass(kw_only=True)
+class ReplayConfig:
+    capacity: int = 100_000
+    """Transitions kept per rank (oldest overwritten first)."""
+    max_state_len: int = 512
+    """Longest stored state in tokens; longer dialogues keep their last tokens."""
+    max_action_len: int = 16
+    """Longest stored utterance in tokens (at least rollout.max_new_tokens)."""
+    max_obs_len: int = 128
+    """Longest stored observation in tokens."""
+
+    def validate(self) -> None:
+        _positive(self, "replay", "capacity", "max_state_len", "max_action_len", "max_obs_len")
+
+
+@dataclass(kw_only=True)
+class ArcherConfig:
+    warmup_iterations: int = 20
+    """Iterations that train only the critic before the actor starts."""
+    critic_epochs: int = 3
+    """Critic optimizer steps per iteration (each on batch_size × grad_accum transitions)."""
+    actor_epochs: int = 3
+    """Actor optimizer steps per iteration after warm-up."""
+    batch_size: int = 32
+    """Transitions per micro-batch per rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the loss is averaged over them, so the learning rate applies to
+    the mean gradient of batch_size × grad_accum transitions per rank (× world size overall)."""
+    gamma: float = 0.99
+    """Utterance-level discount."""
+    tau: float = 0.1
+    """Polyak rate of the target critic after every critic optimizer step."""
+    entropy_coeff: float = 0.001
+    """Weight of the token entropy bonus in the actor loss."""
+    normalize_advantage: bool = False
+    """Divide actor advantages by their batch std (off in the reference code)."""
+
+    def validate(self) -> None:
+        _positive(self, "archer", "critic_epochs", "batch_size", "grad_accum")
+        _non_negative(self, "archer", "warmup_iterations", "actor_epochs", "entropy_coeff")
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"archer.gamma ({self.gamma}) must be in [0, 1]")
+        if not 0 < self.tau <= 1:
+            raise ValueError(f"archer.tau ({self.tau}) must be in (0, 1]")
+
+
+@dataclass(kw_only=True)
+class BaselineConfig:
+    filter_fraction: float = 0.3
+    """filtered_bc: fraction of the iteration's episodes (highest return) to imitate."""
+    normalize_std: bool = False
+    """reinforce: divide advantages by the return std (GRPO-style)."""
+    update_epochs: int = 1
+    """reinforce / filtered_bc: passes over each iteration's rollouts."""
+
+    def validate(self) -> None:
+        if not 0 < self.filter_fraction <= 1:
+            raise ValueError(f"baseline.filter_fraction ({self.filter_fraction}) must be in (0, 1]")
+        _positive(self, "baseline", "update_epochs")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    actor_lr: float = 1e-5
+    """Actor (policy) AdamW learning rate."""
+    critic_lr: float = 1e-3
+    """Critic AdamW learning rate."""
+    actor_grad_clip: float = 0.01
+    """Max global grad norm of the actor (0 = no clipping)."""
+    critic_grad_clip: float = 1.0
+    """Max global grad norm of the critic (0 = no clipping)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay for both optimizers."""
+
+    def validate(self) -> None:
+        _positive(self, "optim", "actor_lr", "critic_lr")
+        _non_negative(self, "optim", "actor_grad_clip", "critic_grad_clip", "weight_decay")
+
+
+@dataclass(kw_only=True)
+class WarmStartConfig:
+    steps: int = 0
+    """Supervised steps on demonstrations before RL (0 = none); stands in for ArCHer's BC start."""
+    demos: Literal["random", "oracle"] = "random"
+    """Demonstrations: random valid actions (teaches the format only) or the env's oracle."""
+    batch_size: int = 64
+    """Demonstration transitions per step per rank."""
+    lr: float = 1e-3
+    """Learning rate of the warm start."""
+    episodes: int = 512
+    """Demonstration episodes generated per rank."""
+
+    def validate(self) -> None:
+        _non_negative(self, "warm_start", "steps")
+        _positive(self, "warm_start", "batch_size", "lr", "episodes")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every: int = 5
+    """Evaluate every N iterations (and before the first and after the last); 0 = only at the ends."""
+    episodes: int = 64
+    """Greedy evaluation episodes over all ranks (fixed seeds, disjoint from training seeds)."""
+    random_baseline: bool = True
+    """Also evaluate a uniformly random valid-action policy once, for reference."""
+
+    def validate(self) -> None:
+        _non_negative(self, "eval", "every")
+        _positive(self, "eval", "episodes")
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    run_dir: str = "runs/latest"
+    """Folder for metrics.jsonl, config.yaml, plots and checkpoints."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline mode when no API key is set)."""
+    wandb_project: str = "fastarcher"
+    """W&B project name."""
+    progress: bool = True
+    """Show a progress bar and per-iteration lines on the console."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save_every: int = 0
+    """Save a checkpoint every N iterations (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept in the run folder (older ones are deleted)."""
+    resume: str = "none"
+    """'auto' (latest valid checkpoint in run_dir, else fresh), 'none', or a checkpoint path."""
+
+    def validate(self) -> None:
+        _non_negative(self, "checkpoint", "save_every")
+        _positive(self, "checkpoint", "keep_last")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    algo: Algo = "archer"
+    """Algorithm: archer (off-policy hierarchical actor-critic), reinforce, filtered_bc, or sft only."""
+    config: str | None = None
+    """YAML preset whose values become the defaults (flags still override them)."""
+    iterations: int = 100
+    """Training iterations (rollout + updates)."""
+    seed: int = 0
+    """One seed for envs, sampling, buffer sampling and model init."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Training device: CUDA when available ('auto'), else CPU."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    archer: ArcherConfig = field(default_factory=ArcherConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Cross-field rules; raises ValueError naming the field to change."""
+        if self.iterations <= 0:
+            raise ValueError(f"iterations ({self.iterations}) must be positive")
+        for part in (self.rollout, self.replay, self.archer, self.baseline, self.optim, self.warm_start,
+                     self.eval, self.checkpoint):
+            part.validate()
+        if self.rollout.num_envs % world_size:
+            raise ValueError(
+                f"rollout.num_envs ({self.rollout.num_envs}) must be divisible by the number of processes "
+                f"({world_size})"
+            )
+        if self.eval.episodes % world_size:
+            raise ValueError(f"eval.episodes ({self.eval.episodes}) must be divisible by the number of processes ({world_size})")
+        if self.archer.batch_size > self.replay.capacity:
+            raise ValueError(
+                f"archer.batch_size ({self.archer.batch_size}) must not exceed replay.capacity ({self.replay.capacity})"
+            )
+        if self.replay.max_action_len < self.rollout.max_new_tokens:
+            raise ValueError(
+                f"replay.max_action_len ({self.replay.max_action_len}) must be at least rollout.max_new_tokens "
+                f"({self.rollout.max_new_tokens})"
+            )
+        if self.algo == "sft" and self.warm_start.steps == 0:
+            raise ValueError("algo 'sft' trains only the warm start: set warm_start.steps > 0")
+        if self.rollout.engine == "sglang":
+            from fastarcher.rollout import sglang_available
+
+            if not sglang_available():
+                raise ValueError("rollout.engine 'sglang' needs `pip install fastarcher[sglang]` and a CUDA GPU; "
+                                 "use rollout.engine 'hf' on this machine")
+
+
+def _positive(cfg: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value <= 0:
+            raise ValueError(f"{prefix}.{name} ({value}) must be positive")
+
+
+def _non_negative(cfg: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 0:
+            raise ValueError(f"{prefix}.{name} ({value}) must not be negative")
+
+
+def _merge(instance: Any, values: dict, path: str) -> Any:
+    """A copy of dataclass `instance` with `values` (nested dicts) applied; unknown keys are errors."""
+    known = {f.name: f for f in dataclasses.fields(instance)}
+    updates = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"unknown config key '{path}{key}' (known: {', '.join(sorted(known))})")
+        current = getattr(instance, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            updates[key] = _merge(current, value, f"{path}{key}.")
+        else:
+            updates[key] = value
+    return dataclasses.replace(instance, **updates)
+
+
+def load_preset(path: str | Path) -> TrainConfig:
+    """TrainConfig with the YAML preset's values applied over the built-in defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config preset {str(path)!r} does not exist (see configs/ for the presets)")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config preset {str(path)!r} must hold a mapping of fields")
+    return dataclasses.replace(_merge(TrainConfig(), values, ""), config=str(path))
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,212 @@
+"""Utterance-level double critic for ArCHer: Q1, Q2 on (state, action) and V1, V2 on the state.
+
+Follows the critic of ArCHer (Zhou et al. 2024, https://arxiv.org/abs/2402.19446; reference code
+github.com/YifeiZhou02/ArCHer, archer/models/critic.py): one encoder embeds the state and the
+action *separately*; Q heads are 3-layer MLPs on [state_emb; action_emb], V heads are 3-layer MLPs on
+state_emb alone. The reference encodes with a pretrained RoBERTa; here the default encoder is a small
+random-init causal transformer (`LlamaModel`, built in code, no download), pooled at the last real
+token, which under causal attention is the only position that has seen the whole sequence. The
+option `encoder="policy"` embeds with the policy's own backbone instead (no gradient into it unless
+`CriticConfig.backbone_grad` is set).
+
+Target network: `make_target(critic)` makes a frozen deep copy; `soft_update(target, online, tau)`
+applies θ̄ ← (1 − τ) θ̄ + τ θ after every critic optimizer step. Both work on plain tensors and on
+FSDP2-sharded (DTensor) parameters; call `make_target` before sharding and shard both copies alike.
+
+    critic = DoubleCritic(CriticConfig(), vocab_size=tok.vocab_size, pad_id=tok.pad_token_id)
+    q1, q2, v1, v2 = critic(state_ids, state_mask, action_ids, action_mask)   # each (B,) fp32
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(kw_only=True)
+class CriticConfig:
+    """Double critic (Q1, Q2, V1, V2) and its encoder."""
+
+    encoder: Literal["separate", "policy"] = "separate"
+    """Which network embeds states and actions: "separate" (a small random-init transformer owned by
+    the critic) or "policy" (the policy's backbone, last hidden state at the last token)."""
+    hidden_size: int = 64
+    """Width of the separate encoder (ignored for encoder="policy", which uses the backbone's)."""
+    num_layers: int = 2
+    """Transformer blocks in the separate encoder."""
+    num_heads: int = 4
+    """Attention heads in the separate encoder (must divide hidden_size)."""
+    mlp_hidden: int = 128
+    """Hidden width of the Q/V heads (each head: Linear → ReLU → Linear → ReLU → Linear(1))."""
+    max_positions: int = 1024
+    """Maximum sequence length (state or action) the separate encoder accepts (rotary positions)."""
+    backbone_grad: bool = False
+    """encoder="policy" only: let critic losses backpropagate into the policy backbone. The backbone's
+    parameters are never part of `critic.parameters()`; whoever owns them must step and zero them."""
+
+    def __post_init__(self):
+        if self.encoder not in ("separate", "policy"):
+            raise ValueError(f"critic.encoder ({self.encoder!r}) must be 'separate' or 'policy'")
+        for name in ("hidden_size", "num_layers", "num_heads", "mlp_hidden", "max_positions"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"critic.{name} ({value}) must be positive")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"critic.hidden_size ({self.hidden_size}) must be divisible by critic.num_heads ({self.num_heads})"
+            )
+
+
+def _mlp_head(in_dim: int, hidden: int) -> nn.Sequential:
+    """3-layer MLP to one scalar, the shape of the reference critic's heads."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(hidden, 1),
+    )
+
+
+def build_separate_encoder(cfg: CriticConfig, *, vocab_size: int, pad_id: int) -> nn.Module:
+    """Small random-init causal transformer (transformers `LlamaModel`) used as the critic encoder."""
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=4 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions,
+        pad_token_id=pad_id,
+        bos_token_id=None,
+        eos_token_id=None,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+    return LlamaModel(config)
+
+
+def last_token_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """hidden (B, T, H), mask (B, T) → (B, H): the hidden state at each row's last non-pad position.
+
+    The last position where mask is 1 (works for right or left padding; an all-pad row pools position 0).
+    """
+    T = mask.shape[1]
+    positions = torch.arange(T, device=mask.device).expand_as(mask)  # (B, T)
+    last = torch.where(mask.bool(), positions, -1).amax(dim=1).clamp(min=0)  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+
+
+class DoubleCritic(nn.Module):
+    """Q1, Q2(s, a) and V1, V2(s) over token ids; every output is (B,) float32."""
+
+    def __init__(self, cfg: CriticConfig, *, vocab_size: int, pad_id: int, backbone: nn.Module | None = None):
+        super().__init__()
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size ({vocab_size}) must be positive")
+        self.cfg = cfg
+        self.pad_id = pad_id
+        if cfg.encoder == "separate":
+            if backbone is not None:
+                raise ValueError('critic.encoder="separate" builds its own encoder; pass backbone only with "policy"')
+            self.encoder = build_separate_encoder(cfg, vocab_size=vocab_size, pad_id=pad_id)
+            emb_dim = cfg.hidden_size
+        else:
+            if backbone is None:
+                raise ValueError('critic.encoder="policy" needs the policy backbone (backbone=policy.model)')
+            # kept in a tuple so it is not a submodule: its parameters stay out of critic.parameters(),
+            # the critic's state_dict and the critic optimizer; make_target shares it instead of copying
+            self._backbone = (backbone,)
+            self.encoder = None
+            emb_dim = backbone.config.hidden_size
+        self.q1 = _mlp_head(2 * emb_dim, cfg.mlp_hidden)
+        self.q2 = _mlp_head(2 * emb_dim, cfg.mlp_hidden)
+        self.v1 = _mlp_head(emb_dim, cfg.mlp_hidden)
+        self.v2 = _mlp_head(emb_dim, cfg.mlp_hidden)
+
+    @property
+    def backbone(self) -> nn.Module | None:
+        """The shared policy backbone (encoder="policy"), else None."""
+        return self._backbone[0] if self.cfg.encoder == "policy" else None
+
+    def encoder_layers(self) -> list[nn.Module]:
+        """Transformer blocks owned by the critic, for per-block FSDP2 `fully_shard`.
+
+        Empty for encoder="policy": the backbone is sharded with the policy."""
+        if self.encoder is None:
+            return []
+        return list(self.encoder.layers)
+
+    def embed(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ids (B, T) int64, mask (B, T) → (B, H) embedding pooled at the last non-pad token."""
+        mask = mask.to(torch.long)
+        # positions count real tokens only, so left padding embeds the same as right padding
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+        net = self.encoder if self.encoder is not None else self._backbone[0]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (self.encoder is not None or self.cfg.backbone_grad)):
+            out = net(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        return last_token_pool(out.last_hidden_state, mask)  # (B, H)
+
+    def forward(self, state_ids: Tensor, state_mask: Tensor, action_ids: Tensor, action_mask: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # two encoder calls instead of one on the concatenated batch: states are long and actions
+        # short, so padding both to one width would waste most of the action call
+        state_emb = self.embed(state_ids, state_mask)  # (B, H)
+        action_emb = self.embed(action_ids, action_mask)  # (B, H)
+        # heads run in their own (compute) dtype; reading it here sees FSDP2's unsharded parameter
+        head_dtype = self.q1[0].weight.dtype
+        state_emb, action_emb = state_emb.to(head_dtype), action_emb.to(head_dtype)
+        state_action = torch.cat([state_emb, action_emb], dim=-1)  # (B, 2H)
+        q1 = self.q1(state_action).squeeze(-1).float()
+        q2 = self.q2(state_action).squeeze(-1).float()
+        v1 = self.v1(state_emb).squeeze(-1).float()
+        v2 = self.v2(state_emb).squeeze(-1).float()
+        return q1, q2, v1, v2
+
+
+def make_target(critic: DoubleCritic) -> DoubleCritic:
+    """A frozen deep copy (requires_grad False, eval mode) to serve as the target critic.
+
+    A shared policy backbone (encoder="policy") is not copied: target and online critic read the
+    same backbone and differ in their heads. Call before FSDP2 sharding.
+    """
+    memo = {}
+    if critic.backbone is not None:
+        memo[id(critic.backbone)] = critic.backbone
+    target = copy.deepcopy(critic, memo)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target.eval()
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """Polyak averaging θ̄ ← (1 − τ) θ̄ + τ θ over all parameters, in place, with foreach ops.
+
+    For FSDP2 modules each rank updates its own shard (`DTensor.to_local()`); both modules must be
+    sharded identically. Parameters are matched by name.
+    """
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau ({tau}) must be in [0, 1]")
+    target_params = dict(target.named_parameters())
+    online_params = dict(online.named_parameters())
+    if target_params.keys() != online_params.keys():
+        missing = sorted(set(target_params) ^ set(online_params))[:5]
+        raise ValueError(f"target and online critic have different parameters, e.g. {missing}")
+    names = list(target_params)
+    dst = [_local(target_params[n].data) for n in names]
+    src = [_local(online_params[n].data) for n in names]
+    for d, s, n in zip(dst, src, names):
+        if d.shape != s.shape:
+            raise ValueError(f"parameter {n}: target shard {tuple(d.shape)} vs online shard {tuple(s.shape)}")
+    # lerp: θ̄ + τ (θ − θ̄) = (1 − τ) θ̄ + τ θ
+    torch._foreach_lerp_(dst, src, tau)

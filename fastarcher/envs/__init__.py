@@ -1,0 +1,127 @@
+"""Text environments for multi-turn agents: config, factory, and the shared word list.
+
+    from fastarcher.envs import EnvConfig, make_env
+    env = make_env(EnvConfig(name="guess_number"))
+    obs = env.reset(seed=0)                        # "Guess a number from 1 to 16.\\n"
+    obs, reward, done, info = env.step("8")        # "higher\\n", 0.0, False, {...}
+
+Environments (docs/envs.md describes texts, rewards and measured baselines): guess_number,
+twenty_questions, frozenlake, sokoban. `BatchedEnvRunner` (fastarcher/envs/runner.py) steps many.
+`python -m fastarcher.envs.evaluate` measures the random and oracle policies of each env.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fastarcher.envs import frozenlake, guess_number, sokoban, twenty_questions
+from fastarcher.envs.base import Env, check_positive, split_words
+from fastarcher.envs.frozenlake import FrozenLake, FrozenLakeConfig
+from fastarcher.envs.guess_number import GuessNumber, GuessNumberConfig
+from fastarcher.envs.sokoban import Sokoban, SokobanConfig
+from fastarcher.envs.twenty_questions import TwentyQuestions, TwentyQuestionsConfig
+
+EnvName = Literal["guess_number", "twenty_questions", "frozenlake", "sokoban"]
+ENV_NAMES: tuple[str, ...] = ("guess_number", "twenty_questions", "frozenlake", "sokoban")
+
+_ENV_CLASSES = {
+    "guess_number": GuessNumber,
+    "twenty_questions": TwentyQuestions,
+    "frozenlake": FrozenLake,
+    "sokoban": Sokoban,
+}
+
+
+@dataclass(kw_only=True)
+class EnvConfig:
+    """Which environment to run, and the settings of each."""
+
+    name: EnvName = "guess_number"
+    """Environment: guess_number, twenty_questions, frozenlake or sokoban."""
+    max_turns: int | None = None
+    """Turns per episode for the chosen env (None: that env's own max_turns)."""
+    guess_number: GuessNumberConfig = field(default_factory=GuessNumberConfig)
+    """Settings used when name is guess_number."""
+    twenty_questions: TwentyQuestionsConfig = field(default_factory=TwentyQuestionsConfig)
+    """Settings used when name is twenty_questions."""
+    frozenlake: FrozenLakeConfig = field(default_factory=FrozenLakeConfig)
+    """Settings used when name is frozenlake."""
+    sokoban: SokobanConfig = field(default_factory=SokobanConfig)
+    """Settings used when name is sokoban."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, value and rule when the config is unusable."""
+        if self.name not in ENV_NAMES:
+            raise ValueError(f"env.name ({self.name!r}) must be one of {', '.join(ENV_NAMES)}")
+        if self.max_turns is not None:
+            check_positive("env.max_turns", self.max_turns)
+        try:
+            self.env_config().validate()
+        except ValueError as error:
+            if self.max_turns is None:
+                raise
+            raise ValueError(f"{error} (env.max_turns ({self.max_turns}) overrides env.{self.name}.max_turns)") from None
+
+    def env_config(self):
+        """The chosen env's sub-config with the `max_turns` override applied (a copy when overridden)."""
+        sub = getattr(self, self.name)
+        if self.max_turns is not None and self.max_turns != sub.max_turns:
+            sub = dataclasses.replace(sub, max_turns=self.max_turns)
+        return sub
+
+
+def make_env(cfg: EnvConfig) -> Env:
+    """Build the environment that `cfg.name` selects (validated first)."""
+    cfg.validate()
+    return _ENV_CLASSES[cfg.name](cfg.env_config())
+
+
+def _merge(*word_lists: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(word for words in word_lists for word in words))
+
+
+VOCAB_WORDS: tuple[str, ...] = _merge(
+    guess_number.VOCAB_WORDS, twenty_questions.VOCAB_WORDS, frozenlake.VOCAB_WORDS, sokoban.VOCAB_WORDS
+)
+"""Every word (letter run, digit run) and symbol the built-in envs print or accept, in a fixed order.
+
+Whitespace (" ", "\\n") is not included. Numbers cover 0..100 (guess_number's range limit for this
+list); `vocab_words(cfg)` adds whatever else a specific config can print.
+"""
+
+
+def vocab_words(cfg: EnvConfig) -> tuple[str, ...]:
+    """VOCAB_WORDS plus any words that only this config prints (guess_number numbers above 100)."""
+    extra: list[str] = []
+    if cfg.name == "guess_number":
+        sub = cfg.env_config()
+        extra = [str(n) for n in range(sub.low, sub.high + 1)]
+    return _merge(VOCAB_WORDS, tuple(extra))
+
+
+from fastarcher.envs.runner import BatchedEnvRunner, EpisodeStats, StepResult  # noqa: E402 (needs EnvConfig)
+
+__all__ = [
+    "BatchedEnvRunner",
+    "ENV_NAMES",
+    "VOCAB_WORDS",
+    "Env",
+    "EnvConfig",
+    "EpisodeStats",
+    "FrozenLake",
+    "FrozenLakeConfig",
+    "GuessNumber",
+    "GuessNumberConfig",
+    "Sokoban",
+    "SokobanConfig",
+    "StepResult",
+    "TwentyQuestions",
+    "TwentyQuestionsConfig",
+    "make_env",
+    "split_words",
+    "vocab_words",
+]

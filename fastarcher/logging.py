@@ -1,0 +1,115 @@
+"""Run outputs: console progress (rich), metrics.jsonl, optional wandb, and the learning-curve plot.
+
+Only rank 0 writes. `metrics.jsonl` holds one JSON object per line: {"iteration": i, key: value, ...};
+evaluation rows carry `eval/*` keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+CONSOLE_KEYS = (
+    ("rollout/success_rate", "succ", "{:.2f}"),
+    ("rollout/return_mean", "ret", "{:+.2f}"),
+    ("rollout/invalid_rate", "inv", "{:.2f}"),
+    ("critic/q_loss", "qL", "{:.3f}"),
+    ("critic/v_loss", "vL", "{:.3f}"),
+    ("actor/advantage_mean", "adv", "{:+.3f}"),
+    ("actor/entropy", "ent", "{:.2f}"),
+    ("eval/success_rate", "EVAL", "{:.2f}"),
+    ("perf/tokens_per_s", "tok/s", "{:.0f}"),
+)
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | Path, *, is_main: bool, total_iterations: int, progress: bool = True,
+                 wandb_config: dict | None = None, wandb_project: str = "fastarcher"):
+        self.run_dir = Path(run_dir)
+        self.is_main = is_main
+        self.console = Console(stderr=True)
+        self.history: list[dict] = []
+        self._progress = None
+        self._wandb = None
+        if not is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / "metrics.jsonl", "a")
+        if progress:
+            self._progress = Progress(
+                TextColumn("[bold]iteration"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self._task = self._progress.add_task("train", total=total_iterations)
+            self._progress.start()
+        if wandb_config is not None:
+            import wandb
+
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            self._wandb = wandb.init(project=wandb_project, config=wandb_config, dir=str(self.run_dir), mode=mode)
+
+    def print(self, message: str) -> None:
+        if self.is_main:
+            self.console.print(message)
+
+    def log(self, iteration: int, metrics: dict[str, float], advance: bool = True) -> None:
+        if not self.is_main:
+            return
+        row = {"iteration": iteration, **metrics}
+        self.history.append(row)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=iteration)
+        parts = [f"it {iteration:4d}"]
+        for key, short, fmt in CONSOLE_KEYS:
+            if key in metrics:
+                parts.append(f"{short} {fmt.format(metrics[key])}")
+        self.console.print("  ".join(parts))
+        if self._progress is not None and advance:
+            self._progress.advance(self._task)
+
+    def close(self) -> None:
+        if not self.is_main:
+            return
+        if self._progress is not None:
+            self._progress.stop()
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def plot_learning_curves(history: list[dict], path: str | Path, *, random_success: float | None = None,
+                         random_return: float | None = None, title: str = "") -> None:
+    """PNG with eval success rate and eval return per iteration (training rollouts dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label, ref in (
+        (axes[0], "success_rate", "success rate", random_success),
+        (axes[1], "return_mean", "return", random_return),
+    ):
+        evals = [(r["iteration"], r[f"eval/{key}"]) for r in history if f"eval/{key}" in r]
+        trains = [(r["iteration"], r[f"rollout/{key}"]) for r in history if f"rollout/{key}" in r]
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="greedy eval")
+        if trains:
+            ax.plot(*zip(*trains), "--", alpha=0.6, label="training rollouts (sampled)")
+        if ref is not None:
+            ax.axhline(ref, color="gray", linestyle=":", label="random valid actions")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

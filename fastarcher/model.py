@@ -1,0 +1,148 @@
+"""Policy model and tokenizer.
+
+The default policy is a tiny random-init Llama built in code, with an offline word-level tokenizer
+built in code too, so nothing is downloaded. Known words (every word the built-in environments print,
+and the numbers 0..100) are single tokens; any other text falls back to one token per character, so
+encoding is lossless for every string. `ModelConfig.path` loads any local Hugging Face model folder
+(or a `.gguf` file with `gguf_file`) through the same code.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+PAD_TOKEN = "<pad>"
+EOS_TOKEN = "<eos>"
+UNK_TOKEN = "<unk>"
+STOP_TEXT = "\n"
+"""Every utterance ends with a newline: it is the stop token of generation."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str | None = None
+    """Local Hugging Face model folder to load; None builds the tiny built-in model."""
+    gguf_file: str | None = None
+    """GGUF file name inside `path` (loaded and dequantised by transformers; needs `gguf`)."""
+    hidden_size: int = 64
+    """Built-in model: width of the residual stream."""
+    num_layers: int = 2
+    """Built-in model: number of transformer blocks."""
+    num_heads: int = 4
+    """Built-in model: attention heads (hidden_size must be divisible by it)."""
+    intermediate_size: int = 256
+    """Built-in model: MLP width."""
+    max_positions: int = 1024
+    """Built-in model: maximum sequence length (prompt + dialogue)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype of the policy (training keeps optimizer math in this dtype)."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} ({getattr(self, name)}) must be positive")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+
+
+def builtin_vocabulary(words: tuple[str, ...]) -> list[str]:
+    """Special tokens, printable characters, then the given words and 0..100 (deterministic order)."""
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab: dict[str, None] = {}
+    for token in [PAD_TOKEN, EOS_TOKEN, UNK_TOKEN, *chars, *words, *map(str, range(101))]:
+        vocab.setdefault(token, None)
+    return list(vocab)
+
+
+def build_builtin_tokenizer(words: tuple[str, ...] | None = None):
+    """A lossless word-level `PreTrainedTokenizerFast` made in code (no download).
+
+    The pre-tokenizer regex matches a known word (longest first, not followed by a letter or digit),
+    else any single character; `Fuse` decoding concatenates tokens, so decode(encode(s)) == s.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if words is None:
+        from fastarcher.envs import VOCAB_WORDS
+
+        words = tuple(VOCAB_WORDS)
+    vocab = builtin_vocabulary(words)
+    multi_char = sorted({w for w in vocab if len(w) > 1 and w not in (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)},
+                        key=lambda w: (-len(w), w))
+    pattern = r"(?:" + "|".join(re.escape(w) for w in multi_char) + r")(?![A-Za-z0-9])|[\s\S]"
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token=UNK_TOKEN))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, unk_token=UNK_TOKEN
+    )
+
+
+def build_builtin_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=eos_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def load_policy(cfg: ModelConfig):
+    """Return (model, tokenizer); the model is on CPU in `cfg.dtype`, in train mode."""
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.path is None:
+        tokenizer = build_builtin_tokenizer()
+        model = build_builtin_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, **kwargs)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    model.to(dtype)
+    model.config.use_cache = True
+    return model, tokenizer
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without special tokens (the trainer concatenates segments itself)."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def stop_token_id(tokenizer) -> int:
+    """The single token that ends an utterance (newline); models whose newline spans several tokens
+    are not supported as policies."""
+    ids = encode(tokenizer, STOP_TEXT)
+    if len(ids) != 1:
+        raise ValueError(f"the tokenizer encodes a newline as {len(ids)} tokens; fastarcher needs exactly one")
+    return ids[0]
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of an HF causal LM (what FSDP2 shards one by one)."""
+    base = getattr(model, "model", None) or getattr(model, "transformer", None)
+    layers = getattr(base, "layers", None) or getattr(base, "h", None)
+    if layers is None:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return list(layers)

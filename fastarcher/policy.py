@@ -1,0 +1,58 @@
+"""Per-utterance log-probs of the policy: Σ_h log π(a_h | s, a_<h) with gradients, plus token entropy.
+
+Layout: the state is left-padded and the action right-padded, so every row's action starts at the same
+column; the model then computes logits only for the last A+1 positions (`logits_to_keep`), never for
+the whole dialogue. With an action constraint the logits of disallowed tokens are set to −inf first,
+so log-probs and entropy are those of the constrained distribution the engine sampled from.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastarcher.logprobs import token_logprobs_and_entropy
+from fastarcher.rollout.base import ActionConstraint
+
+
+def left_align(ids: Tensor, lengths: Tensor, pad_id: int) -> Tensor:
+    """Right-padded (B, S) → left-padded (B, S) (real tokens at the end of each row)."""
+    width = ids.shape[1]
+    src = torch.arange(width, device=ids.device)[None, :] - (width - lengths)[:, None]  # (B, S)
+    out = ids.gather(1, src.clamp(min=0))
+    return out.masked_fill(src < 0, pad_id)
+
+
+def action_logprobs(
+    policy: nn.Module,
+    state_ids: Tensor,  # (B, S) right-padded
+    state_len: Tensor,  # (B,)
+    action_ids: Tensor,  # (B, A) right-padded, includes the stop token
+    action_len: Tensor,  # (B,)
+    *,
+    pad_id: int,
+    constraint: ActionConstraint | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (logprob_sum (B,), token_entropy (B, A), action_mask (B, A)); entropy is 0 on padding."""
+    batch, width_a = action_ids.shape
+    state = left_align(state_ids, state_len, pad_id)
+    ids = torch.cat([state, action_ids], dim=1)  # (B, S + A)
+    positions_a = torch.arange(width_a, device=ids.device)
+    action_mask = positions_a[None, :] < action_len[:, None]  # (B, A)
+    state_mask = torch.arange(state.shape[1], device=ids.device)[None, :] >= (state.shape[1] - state_len)[:, None]
+    attention = torch.cat([state_mask, action_mask], dim=1).long()
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids, logits_to_keep=width_a + 1,
+                 use_cache=False)
+    logits = out.logits[:, :-1]  # (B, A, V): position S-1+h predicts action token h
+    if constraint is not None:
+        allowed = constraint.masks_for(action_ids, action_len)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    targets = action_ids.masked_fill(~action_mask, -100)
+    logp, entropy = token_logprobs_and_entropy(
+        logits.reshape(batch * width_a, -1), targets.reshape(-1), ignore_index=-100, backend=backend
+    )
+    logp = logp.view(batch, width_a)
+    entropy = entropy.view(batch, width_a)
+    return logp.sum(-1), entropy, action_mask

@@ -1,0 +1,332 @@
+"""Device-resident circular replay buffer of utterance-level transitions.
+
+One transition is one turn of a dialogue: the state s (all tokens so far), the action a (the utterance
+the policy produced, including its stop token), the observation o that the environment answered with,
+the reward r, the terminal flag and the discounted Monte-Carlo return from that turn.
+
+The next state is never stored: the trainer builds state token ids by concatenating segment token ids,
+so s' = s ⊕ a ⊕ o exactly, and `TransitionBatch.next_state` rebuilds it on the fly in one vectorised
+gather. This halves the memory of the largest field (states are whole dialogues).
+
+Storage is preallocated at construction (capacity × max lengths, reported by `describe()`); token ids
+are stored as int32 (every tokenizer vocabulary fits) and returned as int64. `add` writes a whole batch
+with `index_copy_`, `sample` draws indices with `torch.randint` from the caller's generator: neither
+has a Python loop over rows, and neither synchronises with the device except where noted.
+
+Length limits on `add`:
+- states longer than `max_state_len` are left-truncated (the last tokens, nearest to the action, are
+  kept) and counted in `truncated_states`;
+- actions longer than `max_action_len` and observations longer than `max_obs_len` are rejected with a
+  `ValueError`: cutting an utterance changes what its log-probability scores, and cutting an
+  observation changes s'. Raise the limit instead.
+
+Example:
+    buf = ReplayBuffer(100_000, 512, 16, 64, pad_id=0)
+    buf.add(batch)                      # TransitionBatch from the rollout
+    mb = buf.sample(32, generator)      # uniform with replacement
+    next_ids, next_len = mb.next_state(max_len=512)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+_ID_STORAGE_DTYPE = torch.int32
+
+
+@dataclass
+class TransitionBatch:
+    """A batch of utterance-level transitions; token tensors are right-padded with the pad id."""
+
+    state_ids: Tensor
+    """(B, S) int64 token ids of the state (dialogue so far)."""
+    state_len: Tensor
+    """(B,) int64 number of real tokens in each state row."""
+    action_ids: Tensor
+    """(B, A) int64 token ids of the utterance, including its stop token."""
+    action_len: Tensor
+    """(B,) int64 number of real action tokens."""
+    next_obs_ids: Tensor
+    """(B, O) int64 token ids of the observation that followed the action."""
+    next_obs_len: Tensor
+    """(B,) int64 number of real observation tokens (0 is allowed, e.g. at a terminal turn)."""
+    reward: Tensor
+    """(B,) float32 reward of the turn."""
+    done: Tensor
+    """(B,) float32, 1.0 when the episode ended with this turn."""
+    mc_return: Tensor
+    """(B,) float32 discounted Monte-Carlo return from this turn on."""
+    pad_id: int = 0
+    """Token id used for right padding (the buffer sets it on the batches it returns)."""
+
+    def __len__(self) -> int:
+        return self.state_ids.shape[0]
+
+    def to(self, device) -> "TransitionBatch":
+        """All fields moved to `device` (non-blocking where possible)."""
+        moved = {name: getattr(self, name).to(device, non_blocking=True) for name in self.tensor_fields()}
+        return TransitionBatch(**moved, pad_id=self.pad_id)
+
+    @classmethod
+    def tensor_fields(cls) -> tuple[str, ...]:
+        """Names of the tensor fields, in declaration order."""
+        return tuple(f.name for f in fields(cls) if f.name != "pad_id")
+
+    def validate(self) -> None:
+        """Check field ranks and that every field has the same batch size (shape checks only, no sync)."""
+        b = self.state_ids.shape[0]
+        for name in ("state_ids", "action_ids", "next_obs_ids"):
+            t = getattr(self, name)
+            if t.dim() != 2:
+                raise ValueError(f"TransitionBatch.{name} must be 2-D (B, T), got shape {tuple(t.shape)}")
+        for name in self.tensor_fields():
+            t = getattr(self, name)
+            if t.shape[0] != b:
+                raise ValueError(f"TransitionBatch.{name} has batch size {t.shape[0]}, expected {b} (from state_ids)")
+            if not name.endswith("_ids") and t.dim() != 1:
+                raise ValueError(f"TransitionBatch.{name} must be 1-D (B,), got shape {tuple(t.shape)}")
+
+    def trimmed(self) -> "TransitionBatch":
+        """Drop all-padding columns (widths cut to the longest row of each field).
+
+        Sync point: reads three maxima from the device. Worth it before an encoder forward when the
+        buffer's maximum lengths are far above the typical row.
+        """
+        widths = torch.stack([self.state_len.max(), self.action_len.max(), self.next_obs_len.max()]).tolist()
+        s, a, o = (max(int(w), 1) for w in widths)
+        return TransitionBatch(
+            state_ids=self.state_ids[:, :s], state_len=self.state_len,
+            action_ids=self.action_ids[:, :a], action_len=self.action_len,
+            next_obs_ids=self.next_obs_ids[:, :o], next_obs_len=self.next_obs_len,
+            reward=self.reward, done=self.done, mc_return=self.mc_return, pad_id=self.pad_id,
+        )
+
+    def next_state(self, max_len: int) -> tuple[Tensor, Tensor]:
+        """s' = s ⊕ a ⊕ o as right-padded ids (B, S') and lengths (B,).
+
+        Rows longer than `max_len` are left-truncated (the last `max_len` tokens are kept).
+        S' = min(S + A + O, max_len). Built with one gather per segment, no loop over rows.
+        """
+        return concat_segments(
+            [(self.state_ids, self.state_len), (self.action_ids, self.action_len),
+             (self.next_obs_ids, self.next_obs_len)],
+            max_len=max_len, pad_id=self.pad_id,
+        )
+
+
+def concat_segments(segments: list[tuple[Tensor, Tensor]], *, max_len: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Concatenate right-padded token segments row by row, keeping at most the last `max_len` tokens.
+
+    segments: [(ids (B, T_k), lengths (B,)), ...]. Returns ids (B, W) with W = min(Σ T_k, max_len)
+    and lengths (B,) = min(Σ len_k, max_len). Output position q of row b reads concatenated position
+    p = start_b + q, start_b = max(total_b − max_len, 0); each segment answers for the p inside it.
+    """
+    if max_len <= 0:
+        raise ValueError(f"max_len ({max_len}) must be positive")
+    first_ids = segments[0][0]
+    device = first_ids.device
+    width = min(sum(ids.shape[1] for ids, _ in segments), max_len)
+    lens = [length.to(device=device, dtype=torch.long) for _, length in segments]
+    total = torch.stack(lens).sum(0)  # (B,)
+    start = (total - max_len).clamp(min=0)  # (B,)
+    pos = start[:, None] + torch.arange(width, device=device)  # (B, W) position in the full concatenation
+    out = torch.full((first_ids.shape[0], width), pad_id, dtype=torch.long, device=device)
+    offset = torch.zeros_like(total)  # (B,) where the current segment begins
+    for (ids, _), length in zip(segments, lens):  # loop over the 3 segments, not over rows
+        local = pos - offset[:, None]  # (B, W)
+        inside = (local >= 0) & (local < length[:, None])
+        if ids.shape[1] > 0:
+            picked = ids.long().gather(1, local.clamp(0, ids.shape[1] - 1))
+            out = torch.where(inside, picked, out)
+        offset = offset + length
+    return out, total.clamp(max=max_len)
+
+
+class ReplayBuffer:
+    """Preallocated circular buffer of `TransitionBatch` rows with uniform sampling with replacement."""
+
+    def __init__(
+        self,
+        capacity: int,
+        max_state_len: int,
+        max_action_len: int,
+        max_obs_len: int,
+        *,
+        pad_id: int,
+        device: str | torch.device = "cpu",
+    ):
+        for name, value in (("capacity", capacity), ("max_state_len", max_state_len),
+                            ("max_action_len", max_action_len), ("max_obs_len", max_obs_len)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ReplayBuffer {name} ({value!r}) must be a positive integer")
+        if not isinstance(pad_id, int) or pad_id < 0:
+            raise ValueError(f"ReplayBuffer pad_id ({pad_id!r}) must be a non-negative integer token id")
+        self.capacity = capacity
+        self.max_state_len = max_state_len
+        self.max_action_len = max_action_len
+        self.max_obs_len = max_obs_len
+        self.pad_id = pad_id
+        self.device = torch.device(device)
+        C, dev = capacity, self.device
+
+        def ids(width: int) -> Tensor:
+            return torch.full((C, width), pad_id, dtype=_ID_STORAGE_DTYPE, device=dev)
+
+        def vec(dtype: torch.dtype) -> Tensor:
+            return torch.zeros(C, dtype=dtype, device=dev)
+
+        self._storage: dict[str, Tensor] = {
+            "state_ids": ids(max_state_len), "state_len": vec(torch.int32),
+            "action_ids": ids(max_action_len), "action_len": vec(torch.int32),
+            "next_obs_ids": ids(max_obs_len), "next_obs_len": vec(torch.int32),
+            "reward": vec(torch.float32), "done": vec(torch.float32), "mc_return": vec(torch.float32),
+        }
+        # write pointer and fill level are host ints: they depend only on batch sizes, never on data
+        self._ptr = 0
+        self._size = 0
+        self._num_added = 0
+        # number of states left-truncated on add; kept on the device so add never syncs
+        self._truncated_states = torch.zeros((), dtype=torch.int64, device=dev)
+
+    # ------------------------------------------------------------------ size
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def num_added(self) -> int:
+        """Transitions added since construction (including overwritten ones)."""
+        return self._num_added
+
+    @property
+    def truncated_states(self) -> Tensor:
+        """0-d int64 tensor on the buffer device: states left-truncated on add so far."""
+        return self._truncated_states
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the preallocated storage."""
+        return sum(t.numel() * t.element_size() for t in self._storage.values())
+
+    def describe(self) -> str:
+        return (
+            f"replay: {self.capacity} × (S={self.max_state_len}, A={self.max_action_len}, "
+            f"O={self.max_obs_len}) tokens, {self.nbytes / 2**20:.1f} MiB on {self.device}"
+        )
+
+    # ------------------------------------------------------------------ add
+    def add(self, batch: TransitionBatch) -> None:
+        """Write a batch at the write pointer, overwriting the oldest rows once full.
+
+        If the batch is larger than the capacity only its last `capacity` rows are kept (the same
+        result as writing it row by row).
+        """
+        batch.validate()
+        n = len(batch)
+        if n == 0:
+            return
+        dev = self.device
+        state_ids, state_len = self._fit_states(batch.state_ids.to(dev), batch.state_len.to(dev))
+        action_ids = self._fit_rejecting(batch.action_ids.to(dev), batch.action_len.to(dev),
+                                         self.max_action_len, "action", "max_action_len")
+        obs_ids = self._fit_rejecting(batch.next_obs_ids.to(dev), batch.next_obs_len.to(dev),
+                                      self.max_obs_len, "next_obs", "max_obs_len")
+        rows = {
+            "state_ids": state_ids, "state_len": state_len,
+            "action_ids": action_ids, "action_len": batch.action_len,
+            "next_obs_ids": obs_ids, "next_obs_len": batch.next_obs_len,
+            "reward": batch.reward, "done": batch.done, "mc_return": batch.mc_return,
+        }
+        keep = min(n, self.capacity)  # rows of an over-long batch that survive; avoids duplicate indices
+        index = (self._ptr + (n - keep) + torch.arange(keep, device=dev)) % self.capacity  # (keep,)
+        for name, dst in self._storage.items():
+            src = rows[name].to(device=dev, dtype=dst.dtype)[n - keep:]
+            dst.index_copy_(0, index, src)
+        self._ptr = (self._ptr + n) % self.capacity
+        self._size = min(self._size + n, self.capacity)
+        self._num_added += n
+
+    def _pad_to(self, ids: Tensor, lengths: Tensor, width: int) -> Tensor:
+        """(B, T) → (B, width) with every position ≥ length set to pad_id (T ≤ width)."""
+        ids = torch.nn.functional.pad(ids.long(), (0, width - ids.shape[1]), value=self.pad_id)
+        valid = torch.arange(width, device=ids.device)[None, :] < lengths[:, None]
+        return torch.where(valid, ids, self.pad_id)
+
+    def _fit_states(self, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        S = self.max_state_len
+        lengths = lengths.long()
+        if ids.shape[1] <= S:
+            return self._pad_to(ids, lengths, S), lengths
+        # left-truncate: keep tokens [len − S, len) of each longer row, gathered in one call
+        over = lengths > S
+        self._truncated_states += over.sum()
+        start = (lengths - S).clamp(min=0)  # (B,)
+        src = (start[:, None] + torch.arange(S, device=ids.device)).clamp(max=ids.shape[1] - 1)  # (B, S)
+        new_len = lengths.clamp(max=S)
+        return self._pad_to(ids.long().gather(1, src), new_len, S), new_len
+
+    def _fit_rejecting(self, ids: Tensor, lengths: Tensor, limit: int, what: str, arg: str) -> Tensor:
+        if ids.shape[1] > limit:
+            # only reached when the padded width exceeds the limit; this max() is a sync point
+            longest = int(lengths.max())
+            if longest > limit:
+                raise ValueError(
+                    f"{what} of {longest} tokens exceeds the replay buffer's {arg} ({limit}); "
+                    f"raise {arg} (or shorten the generation/observation)"
+                )
+            ids = ids[:, :limit]
+        return self._pad_to(ids, lengths.long(), limit)
+
+    # ------------------------------------------------------------------ sample
+    def sample(self, n: int, generator: torch.Generator) -> TransitionBatch:
+        """`n` rows drawn uniformly with replacement from the filled part, indices from `generator`.
+
+        The generator must live on the buffer's device (a CUDA buffer needs a CUDA generator).
+        """
+        if self._size == 0:
+            raise ValueError("cannot sample from an empty replay buffer; add transitions first")
+        if n <= 0:
+            raise ValueError(f"sample size n ({n}) must be positive")
+        if generator.device.type != self.device.type:
+            raise ValueError(
+                f"generator is on {generator.device} but the replay buffer is on {self.device}; "
+                f"create it with torch.Generator(device={str(self.device)!r})"
+            )
+        index = torch.randint(self._size, (n,), generator=generator, device=self.device)  # (n,)
+        return self.gather(index)
+
+    def gather(self, index: Tensor) -> TransitionBatch:
+        """Rows at `index` (int64, on the buffer device) as a TransitionBatch with int64 ids/lengths."""
+        out = {}
+        for name, t in self._storage.items():
+            picked = t.index_select(0, index)
+            out[name] = picked.long() if t.dtype in (torch.int32, torch.int64) else picked
+        return TransitionBatch(**out, pad_id=self.pad_id)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Tensor]:
+        """Everything needed for an exact restore, as tensors only (torch.load(weights_only=True) and
+        safetensors both accept it). Storage tensors are returned without copying."""
+        sd: dict[str, Tensor] = dict(self._storage)
+        sd["meta"] = torch.tensor(
+            [self.capacity, self.max_state_len, self.max_action_len, self.max_obs_len, self.pad_id,
+             self._ptr, self._size, self._num_added], dtype=torch.int64)
+        sd["truncated_states"] = self._truncated_states.clone()
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """Restore from `state_dict()`; the shape arguments must match this buffer's."""
+        meta = [int(v) for v in sd["meta"].tolist()]
+        expected = [self.capacity, self.max_state_len, self.max_action_len, self.max_obs_len, self.pad_id]
+        names = ("capacity", "max_state_len", "max_action_len", "max_obs_len", "pad_id")
+        for name, got, want in zip(names, meta[:5], expected):
+            if got != want:
+                raise ValueError(f"replay state_dict has {name}={got} but this buffer has {name}={want}")
+        for name, dst in self._storage.items():
+            src = sd[name]
+            if src.shape != dst.shape:
+                raise ValueError(f"replay state_dict {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(src.to(dst.device, dst.dtype))
+        self._ptr, self._size, self._num_added = meta[5], meta[6], meta[7]
+        self._truncated_states = sd["truncated_states"].to(self.device, torch.int64).clone()

@@ -1,0 +1,166 @@
+"""Play episodes: every turn, one batched engine call for all live environments.
+
+The state of an episode is its dialogue as token ids, built by concatenating segment ids
+(prompt, then action ⊕ observation per turn), so s' = s ⊕ a ⊕ o holds exactly for the replay buffer.
+Each finished turn becomes one utterance-level transition with its discounted Monte-Carlo return.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fastarcher.envs.runner import BatchedEnvRunner
+from fastarcher.model import encode
+from fastarcher.replay import TransitionBatch
+from fastarcher.rollout.base import SamplingParams
+
+
+@dataclass
+class Turn:
+    state: list[int]
+    action: list[int]
+    obs: list[int]
+    reward: float
+    done: bool
+    invalid: bool
+
+
+@dataclass
+class Episode:
+    seed: int
+    turns: list[Turn] = field(default_factory=list)
+    success: bool = False
+    dropped: bool = False
+
+    @property
+    def total_reward(self) -> float:
+        return sum(t.reward for t in self.turns)
+
+    def mc_returns(self, gamma: float) -> list[float]:
+        returns, running = [], 0.0
+        for turn in reversed(self.turns):
+            running = turn.reward + gamma * running
+            returns.append(running)
+        return returns[::-1]
+
+
+@dataclass
+class RolloutResult:
+    episodes: list[Episode]
+    generated_tokens: int = 0
+    engine_calls: int = 0
+
+    def kept(self) -> list[Episode]:
+        return [e for e in self.episodes if not e.dropped and e.turns]
+
+    def stats(self, prefix: str) -> dict[str, float]:
+        """Episode means over this rank's kept episodes (averaged over ranks later)."""
+        kept = self.kept()
+        n = max(len(kept), 1)
+        turns = sum(len(e.turns) for e in kept)
+        return {
+            f"{prefix}/return_mean": sum(e.total_reward for e in kept) / n,
+            f"{prefix}/success_rate": sum(e.success for e in kept) / n,
+            f"{prefix}/episode_len": turns / n,
+            f"{prefix}/invalid_rate": sum(t.invalid for e in kept for t in e.turns) / max(turns, 1),
+            f"count/{prefix}_episodes": float(len(kept)),
+            f"count/{prefix}_dropped": float(len(self.episodes) - len(kept)),
+        }
+
+    def transitions(self, gamma: float, pad_id: int) -> TransitionBatch:
+        rows = []
+        for episode in self.kept():
+            for turn, ret in zip(episode.turns, episode.mc_returns(gamma)):
+                rows.append((turn, ret))
+        return transitions_from_turns(rows, pad_id)
+
+
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad lists of ids → (B, T) int64 and lengths (B,)."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), max(width, 1)), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids, torch.tensor([len(r) for r in rows], dtype=torch.long)
+
+
+def transitions_from_turns(rows: list[tuple[Turn, float]], pad_id: int) -> TransitionBatch:
+    state_ids, state_len = pad_rows([t.state for t, _ in rows], pad_id)
+    action_ids, action_len = pad_rows([t.action for t, _ in rows], pad_id)
+    obs_ids, obs_len = pad_rows([t.obs for t, _ in rows], pad_id)
+    return TransitionBatch(
+        state_ids=state_ids, state_len=state_len, action_ids=action_ids, action_len=action_len,
+        next_obs_ids=obs_ids, next_obs_len=obs_len,
+        reward=torch.tensor([t.reward for t, _ in rows], dtype=torch.float32),
+        done=torch.tensor([float(t.done) for t, _ in rows], dtype=torch.float32),
+        mc_return=torch.tensor([r for _, r in rows], dtype=torch.float32),
+        pad_id=pad_id,
+    )
+
+
+ActionPicker = Callable[[BatchedEnvRunner, list[int]], list[str]]
+"""Scripted policy: (runner, live env indices) → action texts (for demonstrations and baselines)."""
+
+
+def play_episodes(
+    runner: BatchedEnvRunner,
+    seeds: list[int],
+    *,
+    tokenizer,
+    stop_id: int,
+    engine=None,
+    params: SamplingParams | None = None,
+    generator: torch.Generator | None = None,
+    picker: ActionPicker | None = None,
+) -> RolloutResult:
+    """Run one episode per seed to the end, with the engine (sampling/greedy) or a scripted picker."""
+    if (engine is None) == (picker is None):
+        raise ValueError("play_episodes needs exactly one of engine or picker")
+    first_obs = runner.reset(seeds)
+    episodes = [Episode(seed=s) for s in seeds]
+    states = [encode(tokenizer, obs) for obs in first_obs]
+    result = RolloutResult(episodes=episodes)
+    while True:
+        live = runner.live_indices()
+        if not live:
+            break
+        if engine is not None:
+            out = engine.generate([states[i] for i in live], params, generator)
+            actions = out.token_ids
+            result.engine_calls += out.num_calls
+            result.generated_tokens += sum(len(a) for a in actions)
+            # An utterance cut by max_new_tokens still ends the turn: close it with the stop token so
+            # the dialogue stays well formed.
+            actions = [a if a and a[-1] == stop_id else a + [stop_id] for a in actions]
+            texts = [tokenizer.decode(a[:-1]) for a in actions]
+        else:
+            texts = picker(runner, live)
+            actions = [encode(tokenizer, t) + [stop_id] for t in texts]
+        steps = runner.step({i: t for i, t in zip(live, texts)})  # one StepResult per slot, ascending
+        for step, action in zip(steps, actions):
+            episode = episodes[step.index]
+            if step.dropped:
+                episode.dropped = True
+                continue
+            obs_ids = encode(tokenizer, step.obs)
+            episode.turns.append(Turn(state=states[step.index], action=action, obs=obs_ids,
+                                      reward=float(step.reward), done=step.done,
+                                      invalid=bool(step.info.get("invalid", False))))
+            episode.success |= bool(step.info.get("success", False))
+            states[step.index] = states[step.index] + action + obs_ids
+    for stats in runner.stats:  # a reset that raised never produced a live slot
+        episodes[stats.index].dropped |= stats.dropped
+    return result
+
+
+def random_picker(rng: random.Random) -> ActionPicker:
+    return lambda runner, live: runner.random_actions(rng)
+
+
+def oracle_picker(runner: BatchedEnvRunner, live: list[int]) -> list[str]:
+    return runner.oracle_actions()

@@ -1,0 +1,407 @@
+"""The training loop: rollout → store → critic steps → actor steps → target update → sync → log → save.
+
+    torchrun --standalone --nproc_per_node=2 -m fastarcher.train --algo archer --config configs/tiny_cpu.yaml
+
+ArCHer (Zhou et al. 2024, https://arxiv.org/abs/2402.19446): an utterance-level off-policy double
+critic trained from a replay buffer, and a token-level policy trained with A = Q − V after a critic-only
+warm-up. The fresh actions a′ ~ π(·|s) that the critic's V targets and the actor need are drawn for a
+whole phase at once in large batched engine calls (the policy does not change during the critic
+epochs), instead of one generate call per minibatch. Each rank runs its share of the environments and
+keeps its own replay shard; policy and critic are FSDP2-sharded when there are several ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fastarcher.algos.archer import actor_loss, archer_advantage, critic_loss, critic_targets
+from fastarcher.algos.filtered_bc import bc_loss, filter_top_fraction
+from fastarcher.algos.reinforce import group_advantages, policy_gradient_loss
+from fastarcher.config import TrainConfig, to_dict
+from fastarcher.critic import DoubleCritic, make_target, soft_update
+from fastarcher.dist import DistInfo, all_reduce_max, seed_everything
+from fastarcher.envs.runner import BatchedEnvRunner
+from fastarcher.logging import RunLogger, plot_learning_curves
+from fastarcher.metrics import reduce_metrics
+from fastarcher.model import encode, load_policy, stop_token_id, transformer_blocks
+from fastarcher.parallel import data_parallel_mesh, parallelize
+from fastarcher.policy import action_logprobs
+from fastarcher.replay import ReplayBuffer, TransitionBatch
+from fastarcher.rollout.base import ActionConstraint, SamplingParams
+from fastarcher.rollout.collect import RolloutResult, oracle_picker, pad_rows, play_episodes, random_picker
+from fastarcher.rollout.hf_engine import HFEngine
+from fastarcher.rollout.weight_sync import sync_weights
+
+EVAL_SEED_OFFSET = 1_000_000_007
+"""Evaluation episodes use seeds far from the training stream, the same ones at every evaluation."""
+
+
+def _mask(lengths: Tensor, width: int) -> Tensor:
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+
+
+class MetricBag:
+    """Collects 0-d tensors during an iteration; converted to floats once, at the logging point."""
+
+    def __init__(self):
+        self._values: dict[str, list[Tensor | float]] = {}
+
+    def add(self, metrics: dict[str, Tensor | float]) -> None:
+        for key, value in metrics.items():
+            self._values.setdefault(key, []).append(value)
+
+    def means(self) -> dict[str, float]:
+        out = {}
+        for key, values in self._values.items():
+            stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in values])
+            out[key] = float(stacked.mean())  # sync point (logging)
+        return out
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.device = info.device
+        self.run_dir = Path(cfg.log.run_dir)
+        # Identical init on every rank (FSDP2 keeps each rank's shard of its own full copy).
+        seed_everything(cfg.seed)
+        policy, tokenizer = load_policy(cfg.model)
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id
+        self.stop_id = stop_token_id(tokenizer)
+        engine_model = copy.deepcopy(policy)
+        backbone = policy.model if cfg.critic.encoder == "policy" else None
+        if backbone is not None and info.distributed:
+            raise ValueError("critic.encoder 'policy' is supported on one process only; use critic.encoder "
+                             "'separate' with torchrun")
+        critic = DoubleCritic(cfg.critic, vocab_size=len(tokenizer), pad_id=self.pad_id, backbone=backbone)
+        target = make_target(critic)
+        self.policy, self.critic, self.target = policy.to(self.device), critic.to(self.device), target.to(self.device)
+        if info.distributed:
+            mesh = data_parallel_mesh(self.device, info.world_size)
+            parallelize(self.policy, transformer_blocks(self.policy), mesh)
+            parallelize(self.critic, self.critic.encoder_layers(), mesh)
+            parallelize(self.target, self.target.encoder_layers(), mesh)
+        self.policy.train()
+        self.critic.train()
+        optim = cfg.optim
+        self.actor_opt = torch.optim.AdamW(self.policy.parameters(), lr=optim.actor_lr, weight_decay=optim.weight_decay)
+        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=optim.critic_lr,
+                                            weight_decay=optim.weight_decay)
+        self.engine = HFEngine(engine_model, pad_id=self.pad_id, device=self.device, max_batch=cfg.rollout.max_batch)
+
+        # Per-rank random streams, all derived from the one seed.
+        rank_seed = cfg.seed * 1_000_003 + 7919 * info.rank
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(rank_seed)
+        self.buffer_gen = torch.Generator(device=self.device).manual_seed(rank_seed + 1)
+        self.py_rng = random.Random(rank_seed + 2)
+        self.cpu_gen = torch.Generator().manual_seed(rank_seed + 3)  # minibatch orders of on-policy updates
+
+        self.envs_per_rank = cfg.rollout.num_envs // info.world_size
+        self.runner = BatchedEnvRunner(cfg.env, self.envs_per_rank)
+        self.eval_runner = BatchedEnvRunner(cfg.env, cfg.eval.episodes // info.world_size)
+        self.constraint = None
+        if cfg.rollout.constrain_actions:
+            sequences = [encode(tokenizer, a) + [self.stop_id] for a in self.runner.action_choices()]
+            self.constraint = ActionConstraint(sequences, len(tokenizer))
+            if cfg.rollout.max_new_tokens < self.constraint.max_len:
+                raise ValueError(f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) must be at least "
+                                 f"{self.constraint.max_len}, the longest allowed action of env "
+                                 f"{cfg.env.name!r} in tokens (stop token included)")
+        self.buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_state_len, cfg.replay.max_action_len,
+                                   cfg.replay.max_obs_len, pad_id=self.pad_id, device=self.device)
+        self.iteration = 0
+        self.random_baseline: dict[str, float] | None = None
+        self.logger = RunLogger(
+            self.run_dir, is_main=info.is_main, total_iterations=cfg.iterations, progress=cfg.log.progress,
+            wandb_config=to_dict(cfg) if cfg.log.wandb else None, wandb_project=cfg.log.wandb_project,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # sampling
+
+    def sampling_params(self, greedy: bool = False) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                              greedy=greedy, stop_token_id=self.stop_id, constraint=self.constraint)
+
+    def train_seeds(self) -> list[int]:
+        base = self.cfg.seed * 10_000_019 + self.iteration * self.cfg.rollout.num_envs
+        return [base + self.info.rank * self.envs_per_rank + k for k in range(self.envs_per_rank)]
+
+    def eval_seeds(self) -> list[int]:
+        n = self.eval_runner.num_envs
+        return [EVAL_SEED_OFFSET + self.cfg.seed * 100_003 + self.info.rank * n + k for k in range(n)]
+
+    def play(self, runner: BatchedEnvRunner, seeds: list[int], greedy: bool) -> RolloutResult:
+        return play_episodes(runner, seeds, tokenizer=self.tokenizer, stop_id=self.stop_id, engine=self.engine,
+                             params=self.sampling_params(greedy), generator=self.sample_gen)
+
+    def fresh_actions(self, states: TransitionBatch) -> tuple[Tensor, Tensor, int]:
+        """a′ ~ π(·|s) for every state of the batch, in as few engine calls as max_batch allows."""
+        ids, lens = states.state_ids.tolist(), states.state_len.tolist()
+        prompts = [row[:n] for row, n in zip(ids, lens)]
+        out = self.engine.generate(prompts, self.sampling_params(), self.sample_gen)
+        actions = [a if a and a[-1] == self.stop_id else a + [self.stop_id] for a in out.token_ids]
+        action_ids, action_len = pad_rows(actions, self.pad_id)
+        calls = math.ceil(len(prompts) / self.engine.max_batch)
+        return action_ids.to(self.device), action_len.to(self.device), calls
+
+    def sync_engine(self) -> float:
+        return sync_weights(self.policy, self.engine, self.cfg.rollout.sync_bucket_mb << 20)["seconds"]
+
+    # ----------------------------------------------------------------------------------------------
+    # updates
+
+    def critic_phase(self, bag: MetricBag) -> None:
+        a = self.cfg.archer
+        micro = a.critic_epochs * a.grad_accum
+        batch = self.buffer.sample(a.batch_size * micro, self.buffer_gen)
+        fresh_ids, fresh_len, calls = self.fresh_actions(batch)
+        bag.add({"count/fresh_generate_calls": float(calls)})
+        for step in range(a.critic_epochs):
+            for k in range(a.grad_accum):
+                rows = slice((step * a.grad_accum + k) * a.batch_size, (step * a.grad_accum + k + 1) * a.batch_size)
+                mb = _slice_batch(batch, rows).trimmed()
+                f_ids, f_len = _trim(fresh_ids[rows], fresh_len[rows])
+                s_mask = _mask(mb.state_len, mb.state_ids.shape[1])
+                a_mask = _mask(mb.action_len, mb.action_ids.shape[1])
+                q1, q2, v1, v2 = self.critic(mb.state_ids, s_mask, mb.action_ids, a_mask)
+                with torch.no_grad():
+                    tq1, tq2, _, _ = self.target(mb.state_ids, s_mask, f_ids, _mask(f_len, f_ids.shape[1]))
+                    next_ids, next_len = mb.next_state(self.cfg.replay.max_state_len)
+                    _, _, tv1, tv2 = self.target(next_ids, _mask(next_len, next_ids.shape[1]), mb.action_ids, a_mask)
+                    y_q1, y_q2, y_v1, y_v2 = critic_targets(
+                        reward=mb.reward, done=mb.done, target_v1_next=tv1, target_v2_next=tv2,
+                        target_q1_fresh=tq1, target_q2_fresh=tq2, gamma=a.gamma)
+                loss, metrics = critic_loss(q1=q1, q2=q2, v1=v1, v2=v2, y_q1=y_q1, y_q2=y_q2, y_v1=y_v1, y_v2=y_v2)
+                (loss / a.grad_accum).backward()
+                bag.add(metrics)
+            bag.add({"critic/grad_norm": _clip_and_step(self.critic, self.critic_opt, self.cfg.optim.critic_grad_clip)})
+            soft_update(self.target, self.critic, a.tau)
+
+    def actor_phase(self, bag: MetricBag) -> float:
+        """ArCHer actor steps; returns the seconds spent syncing the engine after each step."""
+        a = self.cfg.archer
+        sync_s = 0.0
+        for _ in range(a.actor_epochs):
+            batch = self.buffer.sample(a.batch_size * a.grad_accum, self.buffer_gen)
+            fresh_ids, fresh_len, calls = self.fresh_actions(batch)
+            bag.add({"count/fresh_generate_calls": float(calls)})
+            for k in range(a.grad_accum):
+                rows = slice(k * a.batch_size, (k + 1) * a.batch_size)
+                mb = _slice_batch(batch, rows).trimmed()
+                f_ids, f_len = _trim(fresh_ids[rows], fresh_len[rows])
+                with torch.no_grad():
+                    s_mask = _mask(mb.state_len, mb.state_ids.shape[1])
+                    q1, q2, v1, v2 = self.critic(mb.state_ids, s_mask, f_ids, _mask(f_len, f_ids.shape[1]))
+                    advantage = archer_advantage(q1=q1, q2=q2, v1=v1, v2=v2)
+                    if a.normalize_advantage:
+                        advantage = advantage / (advantage.std(correction=0) + 1e-6)
+                logprob_sum, entropy = self._logprobs(mb.state_ids, mb.state_len, f_ids, f_len)
+                loss, metrics = actor_loss(logprob_sum=logprob_sum, advantage=advantage, entropy=entropy,
+                                           entropy_coeff=a.entropy_coeff)
+                (loss / a.grad_accum).backward()
+                bag.add(metrics)
+            bag.add({"actor/grad_norm": _clip_and_step(self.policy, self.actor_opt, self.cfg.optim.actor_grad_clip)})
+            sync_s += self.sync_engine()  # the next epoch samples a′ from the updated policy
+        return sync_s
+
+    def _logprobs(self, state_ids, state_len, action_ids, action_len) -> tuple[Tensor, Tensor]:
+        """Σ log π over each utterance (B,) and its mean token entropy (B,)."""
+        logprob_sum, token_entropy, action_mask = action_logprobs(
+            self.policy, state_ids, state_len, action_ids, action_len, pad_id=self.pad_id, constraint=self.constraint)
+        entropy = (token_entropy * action_mask).sum(-1) / action_mask.sum(-1).clamp(min=1)
+        return logprob_sum, entropy
+
+    def on_policy_phase(self, transitions: TransitionBatch, weights: Tensor, bag: MetricBag, kind: str) -> None:
+        """reinforce (weights = advantages) or filtered_bc / warm start (weights = keep mask) over the
+        given transitions, in minibatches; every rank takes the same number of optimizer steps."""
+        b = self.cfg.archer.batch_size
+        n = len(transitions)
+        steps = int(all_reduce_max(torch.tensor([math.ceil(n / b)], dtype=torch.long))[0])
+        epochs = self.cfg.baseline.update_epochs if kind == "reinforce" else 1
+        for _ in range(epochs):
+            order = torch.randperm(max(n, 1), generator=self.cpu_gen)
+            for step in range(steps):
+                rows = order[(torch.arange(step * b, (step + 1) * b)) % max(n, 1)]
+                self._policy_step(transitions, rows, weights, bag, kind, self.actor_opt, self.cfg.optim.actor_grad_clip)
+
+    def _policy_step(self, transitions, rows, weights, bag, kind, optimizer, clip) -> None:
+        mb = _index_batch(transitions, rows.to(transitions.state_ids.device)).to(self.device).trimmed()
+        w = weights[rows].to(self.device)
+        logprob_sum, entropy = self._logprobs(mb.state_ids, mb.state_len, mb.action_ids, mb.action_len)
+        if kind == "reinforce":
+            loss, metrics = policy_gradient_loss(logprob_sum=logprob_sum, advantage=w)
+        else:
+            loss, metrics = bc_loss(logprob_sum=logprob_sum, mask=w.bool())
+        loss.backward()
+        metrics = {**metrics, "actor/entropy": entropy.detach().mean()}
+        bag.add(metrics)
+        bag.add({"actor/grad_norm": _clip_and_step(self.policy, optimizer, clip)})
+
+    # ----------------------------------------------------------------------------------------------
+    # phases of a run
+
+    def warm_start(self) -> None:
+        """Supervised steps on demonstrations (random valid actions or the oracle) before RL."""
+        ws = self.cfg.warm_start
+        picker = oracle_picker if ws.demos == "oracle" else random_picker(self.py_rng)
+        runner = BatchedEnvRunner(self.cfg.env, ws.episodes)
+        seeds = [-(1 + self.info.rank * ws.episodes + k) for k in range(ws.episodes)]
+        demos = play_episodes(runner, seeds, tokenizer=self.tokenizer, stop_id=self.stop_id, picker=picker)
+        transitions = demos.transitions(self.cfg.archer.gamma, self.pad_id)
+        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=ws.lr)
+        keep = torch.ones(len(transitions))
+        self.logger.print(f"warm start: {ws.steps} steps on {len(transitions)} {ws.demos} demonstration turns per rank")
+        for step in range(ws.steps):
+            bag = MetricBag()
+            rows = torch.randint(len(transitions), (ws.batch_size,), generator=self.cpu_gen)
+            self._policy_step(transitions, rows, keep, bag, "bc", optimizer, 1.0)
+            if (step + 1) % max(ws.steps // 5, 1) == 0 or step + 1 == ws.steps:
+                m = reduce_metrics(bag.means(), self.info.world_size)
+                self.logger.print(f"  warm start step {step + 1}/{ws.steps}  nll {m['actor/bc_loss']:.3f}")
+        self.sync_engine()
+
+    def evaluate(self) -> dict[str, float]:
+        was_gen = self.sample_gen.get_state()
+        result = self.play(self.eval_runner, self.eval_seeds(), greedy=True)
+        self.sample_gen.set_state(was_gen)  # greedy eval must not shift the training sampling stream
+        return {k: v for k, v in result.stats("eval").items() if not k.startswith("count/")}
+
+    def evaluate_random(self) -> dict[str, float]:
+        rng = random.Random(self.cfg.seed + 31 * self.info.rank)
+        result = play_episodes(self.eval_runner, self.eval_seeds(), tokenizer=self.tokenizer, stop_id=self.stop_id,
+                               picker=random_picker(rng))
+        stats = result.stats("random")
+        return reduce_metrics({k: v for k, v in stats.items() if not k.startswith("count/")}, self.info.world_size)
+
+    def iterate(self) -> dict[str, float]:
+        cfg, a = self.cfg, self.cfg.archer
+        bag = MetricBag()
+        t0 = time.perf_counter()
+        rollout = self.play(self.runner, self.train_seeds(), greedy=False)
+        transitions = rollout.transitions(a.gamma, self.pad_id)
+        if len(transitions):
+            self.buffer.add(transitions.to(self.device))
+        t_rollout = time.perf_counter() - t0
+        metrics = rollout.stats("rollout")
+        metrics["perf/tokens_per_s"] = rollout.generated_tokens / max(t_rollout, 1e-9)
+        metrics["count/rollout_engine_forwards"] = float(rollout.engine_calls)
+        t_critic = t_actor = t_sync = 0.0
+        if cfg.algo == "archer":
+            t1 = time.perf_counter()
+            self.critic_phase(bag)
+            t_critic = time.perf_counter() - t1
+            if self.iteration >= a.warmup_iterations and a.actor_epochs > 0:
+                t2 = time.perf_counter()
+                t_sync = self.actor_phase(bag)
+                t_actor = time.perf_counter() - t2 - t_sync
+        elif cfg.algo in ("reinforce", "filtered_bc"):
+            t2 = time.perf_counter()
+            if cfg.algo == "reinforce":
+                weights = group_advantages(transitions.mc_return, None, normalize_std=cfg.baseline.normalize_std)
+            else:
+                weights = self._filtered_turns(rollout)
+            self.on_policy_phase(transitions, weights, bag, cfg.algo)
+            t_sync = self.sync_engine()
+            t_actor = time.perf_counter() - t2 - t_sync
+        metrics.update({"time/rollout_s": t_rollout, "time/critic_s": t_critic, "time/actor_s": t_actor,
+                        "time/sync_s": t_sync, "replay/size": float(len(self.buffer))})
+        metrics.update(bag.means())
+        return metrics
+
+    def _filtered_turns(self, rollout: RolloutResult) -> Tensor:
+        """Keep mask over this iteration's turns: all turns of the top episodes by return."""
+        kept = rollout.kept()
+        returns = torch.tensor([e.total_reward for e in kept], dtype=torch.float32)
+        top = filter_top_fraction(returns, self.cfg.baseline.filter_fraction).tolist()
+        return torch.tensor([float(keep) for e, keep in zip(kept, top) for _ in e.turns])
+
+    def fit(self) -> dict[str, float]:
+        cfg, info = self.cfg, self.info
+        self.logger.print(f"fastarcher: algo={cfg.algo} env={cfg.env.name} ranks={info.world_size} "
+                          f"device={self.device} policy={_count(self.policy):,} params "
+                          f"critic={_count(self.critic):,} params")
+        self.logger.print(self.buffer.describe())
+        if cfg.warm_start.steps:
+            self.warm_start()
+        if cfg.algo == "sft":
+            final = reduce_metrics(self.evaluate(), info.world_size)
+            self.logger.log(0, final, advance=False)
+            return final
+        if cfg.eval.random_baseline:
+            self.random_baseline = self.evaluate_random()
+            self.logger.print("random valid-action policy: success {:.3f} return {:+.3f}".format(
+                self.random_baseline["random/success_rate"], self.random_baseline["random/return_mean"]))
+        start = reduce_metrics(self.evaluate(), info.world_size)
+        self.logger.log(self.iteration, start, advance=False)
+        last_eval = start
+        run_start = time.perf_counter()
+        while self.iteration < cfg.iterations:
+            metrics = self.iterate()
+            self.iteration += 1
+            if cfg.eval.every and self.iteration % cfg.eval.every == 0 or self.iteration == cfg.iterations:
+                metrics.update(self.evaluate())
+            metrics = reduce_metrics(metrics, info.world_size)
+            if "eval/success_rate" in metrics:
+                last_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+            self.logger.log(self.iteration, metrics)
+        summary = {
+            "start/eval_success_rate": start["eval/success_rate"],
+            "final/eval_success_rate": last_eval["eval/success_rate"],
+            "start/eval_return": start["eval/return_mean"],
+            "final/eval_return": last_eval["eval/return_mean"],
+            "train_seconds": time.perf_counter() - run_start,
+        }
+        if self.random_baseline:
+            summary["random/success_rate"] = self.random_baseline["random/success_rate"]
+            summary["random/return_mean"] = self.random_baseline["random/return_mean"]
+        return summary
+
+    def save_final(self) -> None:
+        from fastarcher.checkpoint import save_checkpoint
+
+        save_checkpoint(self, self.run_dir / "checkpoints" / f"iter_{self.iteration:06d}")
+
+    def finish(self, summary: dict[str, float]) -> None:
+        if self.info.is_main and self.logger.history:
+            rb = self.random_baseline or {}
+            plot_learning_curves(self.logger.history, self.run_dir / "learning_curve.png",
+                                 random_success=rb.get("random/success_rate"), random_return=rb.get("random/return_mean"),
+                                 title=f"{self.cfg.algo} on {self.cfg.env.name}")
+        self.logger.close()
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _clip_and_step(module, optimizer, max_norm: float) -> Tensor:
+    """Clip (if max_norm > 0), step, zero; returns the pre-clip global grad norm (0-d, no sync)."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.detach()
+
+
+def _slice_batch(batch: TransitionBatch, rows: slice) -> TransitionBatch:
+    return TransitionBatch(**{f: getattr(batch, f)[rows] for f in TransitionBatch.tensor_fields()}, pad_id=batch.pad_id)
+
+
+def _index_batch(batch: TransitionBatch, rows: Tensor) -> TransitionBatch:
+    return TransitionBatch(**{f: getattr(batch, f)[rows] for f in TransitionBatch.tensor_fields()}, pad_id=batch.pad_id)
+
+
+def _trim(ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    return ids[:, : max(int(lengths.max()), 1)], lengths

@@ -1,0 +1,43 @@
+"""fastarcher: a lean ArCHer trainer for multi-turn LLM agents.
+
+`kernels/` lives at the top of the repository but installs as `fastarcher.kernels`, so that it never
+shadows PyPI's `kernels` package (required by sglang, probed by transformers).
+"""
+from setuptools import setup
+
+packages = [
+    "fastarcher",
+    "fastarcher.envs",
+    "fastarcher.rollout",
+    "fastarcher.algos",
+    "fastarcher.traces",
+    "fastarcher.kernels",
+]
+
+setup(
+    name="fastarcher",
+    version="0.1.0",
+    description="Lean, fast ArCHer (hierarchical multi-turn RL) trainer for LLM agents on PyTorch + FSDP2",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"fastarcher.kernels": "kernels"},
+    package_data={"fastarcher": ["../configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=4.46",
+        "tokenizers",
+        "numpy",
+        "tyro>=0.9",
+        "wandb",
+        "pyyaml",
+        "rich",
+        "matplotlib",
+        "safetensors",
+        "triton; platform_system=='Linux'",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+        "sglang": ["sglang"],
+        "flash": ["flash-attn"],
+    },
+)
