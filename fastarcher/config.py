@@ -57,7 +57,8 @@ class ReplayConfig:
     max_state_len: int = 512
     """Longest stored state in tokens; longer dialogues keep their last tokens."""
     max_action_len: int = 16
-    """Longest stored utterance in tokens (at least rollout.max_new_tokens)."""
+    """Longest stored utterance in tokens (at least rollout.max_new_tokens; one more without the action
+    constraint, since a cut utterance is closed with the stop token)."""
     max_obs_len: int = 128
     """Longest stored observation in tokens."""
 
@@ -181,10 +182,30 @@ class CheckpointConfig:
     """Checkpoints kept in the run folder (older ones are deleted)."""
     resume: str = "none"
     """'auto' (latest valid checkpoint in run_dir, else fresh), 'none', or a checkpoint path."""
+    verify: Literal["crc32", "size"] = "crc32"
+    """How a resume checks checkpoint files against the manifest: sizes and CRC-32, or sizes only."""
+    export_hf: bool = True
+    """At the end of the run, save the policy as a Hugging Face folder (run_dir/hf_policy)."""
+    save_on_sigterm: bool = True
+    """On SIGTERM (preemption), save a checkpoint at the end of the current iteration, then stop."""
 
     def validate(self) -> None:
         _non_negative(self, "checkpoint", "save_every")
         _positive(self, "checkpoint", "keep_last")
+        if self.resume not in ("auto", "none") and not Path(self.resume).exists():
+            raise ValueError(f"checkpoint.resume ({self.resume!r}) must be 'auto', 'none' or an existing checkpoint, "
+                             f"checkpoints or run folder")
+
+
+@dataclass(kw_only=True)
+class GuardConfig:
+    skip_nonfinite: bool = True
+    """Skip an optimizer step whose loss or gradient norm is NaN/Inf (costs one host sync per step)."""
+    max_consecutive_skips: int = 10
+    """Stop the run after this many skipped steps in a row of one optimizer (0 = never stop)."""
+
+    def validate(self) -> None:
+        _non_negative(self, "guard", "max_consecutive_skips")
 
 
 @dataclass(kw_only=True)
@@ -211,6 +232,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
 
     def validate(self, world_size: int = 1) -> None:
@@ -218,7 +240,7 @@ class TrainConfig:
         if self.iterations <= 0:
             raise ValueError(f"iterations ({self.iterations}) must be positive")
         for part in (self.rollout, self.replay, self.archer, self.baseline, self.optim, self.warm_start,
-                     self.eval, self.checkpoint):
+                     self.eval, self.checkpoint, self.guard):
             part.validate()
         if self.rollout.num_envs % world_size:
             raise ValueError(
@@ -235,6 +257,13 @@ class TrainConfig:
             raise ValueError(
                 f"replay.max_action_len ({self.replay.max_action_len}) must be at least rollout.max_new_tokens "
                 f"({self.rollout.max_new_tokens})"
+            )
+        if not self.rollout.constrain_actions and self.replay.max_action_len < self.rollout.max_new_tokens + 1:
+            # Unconstrained, an utterance cut at max_new_tokens is closed with the stop token: one more token.
+            raise ValueError(
+                f"replay.max_action_len ({self.replay.max_action_len}) must be at least rollout.max_new_tokens + 1 "
+                f"({self.rollout.max_new_tokens + 1}) when rollout.constrain_actions is off (a cut utterance is "
+                f"closed with the stop token)"
             )
         if self.algo == "sft" and self.warm_start.steps == 0:
             raise ValueError("algo 'sft' trains only the warm start: set warm_start.steps > 0")

@@ -45,7 +45,7 @@ def _triton_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Concrete backend for tensors on `device`: "auto" becomes "triton" on CUDA else "torch_chunked"."""
+    """Concrete backend for `device`: "auto" is "triton" on CUDA, "torch_chunked" elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"backend ({backend!r}) must be one of {BACKENDS}")
     if backend == "auto":
@@ -74,7 +74,7 @@ def _check_args(targets: Tensor, leading: torch.Size, temperature: float) -> Non
 def token_logprobs_and_entropy(logits: Tensor, targets: Tensor, *, temperature: float = 1.0,
                                ignore_index: int = -100,
                                backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """`(logp, entropy)`, each shaped like `targets`, under softmax(logits (..., V) / temperature)."""
+    """`(logp, entropy)`, each shaped like `targets`, under softmax(logits (..., V) / T)."""
     _check_args(targets, logits.shape[:-1], temperature)
     backend = resolve_backend(backend, logits.device)
     flat_logits = logits.reshape(-1, logits.shape[-1])  # (N, V)

@@ -3,8 +3,9 @@
 The default policy is a tiny random-init Llama built in code, with an offline word-level tokenizer
 built in code too, so nothing is downloaded. Known words (every word the built-in environments print,
 and the numbers 0..100) are single tokens; any other text falls back to one token per character, so
-encoding is lossless for every string. `ModelConfig.path` loads any local Hugging Face model folder
-(or a `.gguf` file with `gguf_file`) through the same code.
+encoding is lossless for every string of printable ASCII (tab and newline included); any other
+character (non-ASCII, carriage return) becomes one `<unk>` token. `ModelConfig.path` loads any local
+Hugging Face model folder (or a `.gguf` file with `gguf_file`) through the same code.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def build_builtin_tokenizer(words: tuple[str, ...] | None = None):
     """A lossless word-level `PreTrainedTokenizerFast` made in code (no download).
 
     The pre-tokenizer regex matches a known word (longest first, not followed by a letter or digit),
-    else any single character; `Fuse` decoding concatenates tokens, so decode(encode(s)) == s.
+    else any single character; `Fuse` decoding concatenates tokens, so decode(encode(s)) == s for every
+    printable-ASCII string (other characters map to `<unk>`).
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -20,5 +20,7 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh) -> 
     """Shard each block as its own unit (all-gathered just in time), then the remaining root params."""
     for block in blocks:
         fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # The root reshards after forward too: by default FSDP2 keeps root parameters unsharded after a
+    # forward, which would leave a no-grad module (the target critic) holding full tensors.
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
     return model

@@ -24,10 +24,12 @@ from torch import Tensor
 from fastarcher.algos.archer import actor_loss, archer_advantage, critic_loss, critic_targets
 from fastarcher.algos.filtered_bc import bc_loss, filter_top_fraction
 from fastarcher.algos.reinforce import group_advantages, policy_gradient_loss
+from fastarcher.checkpoint import Checkpointer
 from fastarcher.config import TrainConfig, to_dict
 from fastarcher.critic import DoubleCritic, make_target, soft_update
 from fastarcher.dist import DistInfo, all_reduce_max, seed_everything
 from fastarcher.envs.runner import BatchedEnvRunner
+from fastarcher.guards import StepGuard
 from fastarcher.logging import RunLogger, plot_learning_curves
 from fastarcher.metrics import reduce_metrics
 from fastarcher.model import encode, load_policy, stop_token_id, transformer_blocks
@@ -123,6 +125,11 @@ class Trainer:
             self.run_dir, is_main=info.is_main, total_iterations=cfg.iterations, progress=cfg.log.progress,
             wandb_config=to_dict(cfg) if cfg.log.wandb else None, wandb_project=cfg.log.wandb_project,
         )
+        self.start_metrics: dict[str, float] | None = None
+        self.last_eval: dict[str, float] | None = None
+        self.guard = StepGuard(cfg.guard, log=self.logger.print)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, rank=info.rank, world_size=info.world_size,
+                                         log=self.logger.print)
 
     # ----------------------------------------------------------------------------------------------
     # sampling
@@ -183,8 +190,10 @@ class Trainer:
                         target_q1_fresh=tq1, target_q2_fresh=tq2, gamma=a.gamma)
                 loss, metrics = critic_loss(q1=q1, q2=q2, v1=v1, v2=v2, y_q1=y_q1, y_q2=y_q2, y_v1=y_v1, y_v2=y_v2)
                 (loss / a.grad_accum).backward()
+                self.guard.track("critic", loss / a.grad_accum)
                 bag.add(metrics)
-            bag.add({"critic/grad_norm": _clip_and_step(self.critic, self.critic_opt, self.cfg.optim.critic_grad_clip)})
+            bag.add({"critic/grad_norm": self.guard.check_and_step(
+                "critic", self.critic, self.critic_opt, max_norm=self.cfg.optim.critic_grad_clip, iteration=self.iteration)})
             soft_update(self.target, self.critic, a.tau)
 
     def actor_phase(self, bag: MetricBag) -> float:
@@ -209,8 +218,10 @@ class Trainer:
                 loss, metrics = actor_loss(logprob_sum=logprob_sum, advantage=advantage, entropy=entropy,
                                            entropy_coeff=a.entropy_coeff)
                 (loss / a.grad_accum).backward()
+                self.guard.track("actor", loss / a.grad_accum)
                 bag.add(metrics)
-            bag.add({"actor/grad_norm": _clip_and_step(self.policy, self.actor_opt, self.cfg.optim.actor_grad_clip)})
+            bag.add({"actor/grad_norm": self.guard.check_and_step(
+                "actor", self.policy, self.actor_opt, max_norm=self.cfg.optim.actor_grad_clip, iteration=self.iteration)})
             sync_s += self.sync_engine()  # the next epoch samples a′ from the updated policy
         return sync_s
 
@@ -245,7 +256,8 @@ class Trainer:
         loss.backward()
         metrics = {**metrics, "actor/entropy": entropy.detach().mean()}
         bag.add(metrics)
-        bag.add({"actor/grad_norm": _clip_and_step(self.policy, optimizer, clip)})
+        bag.add({"actor/grad_norm": self.guard.check_and_step("actor", self.policy, optimizer, max_norm=clip,
+                                                              iteration=self.iteration, loss=loss)})
 
     # ----------------------------------------------------------------------------------------------
     # phases of a run
@@ -316,6 +328,7 @@ class Trainer:
         metrics.update({"time/rollout_s": t_rollout, "time/critic_s": t_critic, "time/actor_s": t_actor,
                         "time/sync_s": t_sync, "replay/size": float(len(self.buffer))})
         metrics.update(bag.means())
+        metrics.update(self.guard.metrics())
         return metrics
 
     def _filtered_turns(self, rollout: RolloutResult) -> Tensor:
@@ -331,19 +344,21 @@ class Trainer:
                           f"device={self.device} policy={_count(self.policy):,} params "
                           f"critic={_count(self.critic):,} params")
         self.logger.print(self.buffer.describe())
-        if cfg.warm_start.steps:
+        resumed = self.checkpointer.restore(self) is not None
+        if cfg.warm_start.steps and not resumed:
             self.warm_start()
         if cfg.algo == "sft":
             final = reduce_metrics(self.evaluate(), info.world_size)
             self.logger.log(0, final, advance=False)
             return final
-        if cfg.eval.random_baseline:
-            self.random_baseline = self.evaluate_random()
-            self.logger.print("random valid-action policy: success {:.3f} return {:+.3f}".format(
-                self.random_baseline["random/success_rate"], self.random_baseline["random/return_mean"]))
-        start = reduce_metrics(self.evaluate(), info.world_size)
-        self.logger.log(self.iteration, start, advance=False)
-        last_eval = start
+        if not resumed:
+            if cfg.eval.random_baseline:
+                self.random_baseline = self.evaluate_random()
+                self.logger.print("random valid-action policy: success {:.3f} return {:+.3f}".format(
+                    self.random_baseline["random/success_rate"], self.random_baseline["random/return_mean"]))
+            self.start_metrics = self.last_eval = reduce_metrics(self.evaluate(), info.world_size)
+            self.logger.log(self.iteration, self.start_metrics, advance=False)
+        start = self.start_metrics
         run_start = time.perf_counter()
         while self.iteration < cfg.iterations:
             metrics = self.iterate()
@@ -352,8 +367,10 @@ class Trainer:
                 metrics.update(self.evaluate())
             metrics = reduce_metrics(metrics, info.world_size)
             if "eval/success_rate" in metrics:
-                last_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+                self.last_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
             self.logger.log(self.iteration, metrics)
+            self.checkpointer.maybe_save(self)
+        last_eval = self.last_eval
         summary = {
             "start/eval_success_rate": start["eval/success_rate"],
             "final/eval_success_rate": last_eval["eval/success_rate"],
@@ -367,9 +384,7 @@ class Trainer:
         return summary
 
     def save_final(self) -> None:
-        from fastarcher.checkpoint import save_checkpoint
-
-        save_checkpoint(self, self.run_dir / "checkpoints" / f"iter_{self.iteration:06d}")
+        self.checkpointer.save_final(self)
 
     def finish(self, summary: dict[str, float]) -> None:
         if self.info.is_main and self.logger.history:
@@ -382,17 +397,6 @@ class Trainer:
 
 def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def _clip_and_step(module, optimizer, max_norm: float) -> Tensor:
-    """Clip (if max_norm > 0), step, zero; returns the pre-clip global grad norm (0-d, no sync)."""
-    params = [p for p in module.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm.detach()
 
 
 def _slice_batch(batch: TransitionBatch, rows: slice) -> TransitionBatch:

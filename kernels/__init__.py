@@ -1,4 +1,4 @@
-"""Fused per-token log-prob + entropy (Triton kernels and torch references), as `fastarcher.kernels`.
+"""Fused per-token log-prob + entropy: Triton kernels and torch references (`fastarcher.kernels`).
 
 The folder is `kernels/` in the repository but installs as `fastarcher.kernels`, so it never shadows
 PyPI's `kernels` package. The trainer calls `fastarcher.logprobs`, which dispatches to:

@@ -25,10 +25,12 @@ from .reference import compute_dtype
 # Rows of V-wide float32 work per slab when a low-precision weight gradient is accumulated in fp32
 # without an fp32-output GEMM (bounds the temporary to about this many elements).
 WEIGHT_GRAD_SLAB_ELEMENTS = 1 << 24
+_fp32_output_gemm_works = True  # torch.addmm(..., out_dtype=float32) on CUDA; cleared if it fails
 
 
 def default_chunk_size(N: int, H: int, V: int) -> int:
-    """Tokens per chunk: logits chunk about the size of `hidden` (Liger's rule), >= 2^22 elements."""
+    """Tokens per chunk: chunk logits about the size of `hidden` (Liger's rule), and at least
+    CHUNK_ELEMENTS of them (fewer, larger matmuls), never more than N."""
     by_hidden = 1 << max(0, (-(-N * H // V) - 1).bit_length())  # next power of 2 of ceil(N H / V)
     return max(1, min(N, max(chunked.CHUNK_ELEMENTS // V, by_hidden)))
 
@@ -48,29 +50,32 @@ def _row_backward(logits: Tensor, targets: Tensor, row_max: Tensor, log_sum: Ten
                   entropy: Tensor,
                   dlogp: Tensor | None, dentropy: Tensor | None, temperature: float,
                   ignore_index: int, use_triton: bool) -> Tensor:
-    """dlogits (C, V) in the logits' dtype; the Triton path overwrites `logits` in place."""
+    """dlogits (C, V) in the logits' dtype, written over `logits` where the dtype allows."""
     if use_triton:
         from .logprob_entropy import logprob_entropy_backward
 
         return logprob_entropy_backward(logits, targets, row_max, log_sum, entropy, dlogp, dentropy,
                                         temperature=temperature, ignore_index=ignore_index,
                                         out=logits)
+    in_place = logits.dtype == compute_dtype(logits.dtype)  # else a float32 buffer, rounded once
     grad = chunked.chunk_backward(logits, targets, row_max, log_sum, entropy, dlogp, dentropy,
-                                  temperature=temperature, ignore_index=ignore_index)
+                                  temperature=temperature, ignore_index=ignore_index,
+                                  out=logits if in_place else None)
     return grad.to(logits.dtype)
 
 
 def _accumulate_weight_grad(dweight: Tensor, dlogits: Tensor, hidden: Tensor) -> None:
-    """dweight (V, H) += dlogits (C, V).T @ hidden (C, H), with dweight possibly wider than inputs."""
+    """dweight (V, H) += dlogits (C, V).T @ hidden (C, H); dweight may be wider than the inputs."""
     if dweight.dtype == dlogits.dtype:
         dweight.addmm_(dlogits.t(), hidden)
         return
-    if dweight.is_cuda:
+    global _fp32_output_gemm_works
+    if dweight.is_cuda and _fp32_output_gemm_works:
         try:  # cuBLAS GEMM with bf16/fp16 inputs and an fp32 output: no temporary at all
             torch.addmm(dweight, dlogits.t(), hidden, out_dtype=dweight.dtype, out=dweight)
             return
-        except (RuntimeError, TypeError):
-            pass
+        except (RuntimeError, TypeError):  # older torch: remember, and use the slabs below
+            _fp32_output_gemm_works = False
     # Fallback: slabs of the vocabulary, so the low-precision temporary stays small.
     slab = max(1, WEIGHT_GRAD_SLAB_ELEMENTS // hidden.shape[1])
     for start in range(0, dweight.shape[0], slab):
@@ -81,7 +86,8 @@ def _accumulate_weight_grad(dweight: Tensor, dlogits: Tensor, hidden: Tensor) ->
 class LinearLogprobEntropyFunction(torch.autograd.Function):
     """Autograd wrapper of the fused LM head + log-prob/entropy.
 
-    Saves hidden and weight (no copies), the targets and float32 max, log-sum, entropy per token. The
+    Saves hidden and weight (no copies), the targets and float32 max, log-sum and entropy per
+    token. The
     forward holds one [chunk_size, V] logits chunk (plus the row op's working set); the backward
     holds one chunk of logits that becomes its gradient, dhidden (N, H) and dweight (V, H).
     """
@@ -92,7 +98,7 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         N = hidden.shape[0]
         out_dtype = compute_dtype(hidden.dtype)
         logp = torch.empty(N, dtype=out_dtype, device=hidden.device)
-        entropy, row_max, log_sum = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
+        entropy, row_max, log_sum = (torch.empty_like(logp) for _ in range(3))
         for start in range(0, N, chunk_size):
             rows = slice(start, start + chunk_size)
             logits = hidden[rows] @ weight.t()  # (C, V)
@@ -113,7 +119,8 @@ class LinearLogprobEntropyFunction(torch.autograd.Function):
         dhidden = torch.empty_like(hidden) if need_hidden else None
         dweight = None
         if need_weight:
-            acc_dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+            low_precision = weight.dtype in (torch.bfloat16, torch.float16)
+            acc_dtype = torch.float32 if low_precision else weight.dtype
             dweight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
@@ -136,7 +143,8 @@ def linear_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                            temperature: float = 1.0, ignore_index: int = -100,
                            chunk_size: int | None = None,
                            use_triton: bool = True) -> tuple[Tensor, Tensor]:
-    """`(logp (N,), entropy (N,))` of `targets (N,)` under softmax(hidden (N, H) @ weight (V, H).T / T)."""
+    """`(logp (N,), entropy (N,))` of `targets (N,)` under softmax(hidden (N, H) @ weight (V, H).T
+    / T), `chunk_size` tokens at a time; `use_triton` picks the row op (else chunked torch)."""
     N, H = hidden.shape
     V = weight.shape[0]
     if chunk_size is None:

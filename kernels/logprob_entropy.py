@@ -1,10 +1,10 @@
 """Fused per-token log-prob + entropy from logits, as Triton kernels (forward and backward).
 
     from fastarcher.kernels.logprob_entropy import logprob_entropy
-    logp, entropy = logprob_entropy(logits, targets, temperature=1.0, ignore_index=-100)  # (N,), (N,)
+    logp, entropy = logprob_entropy(logits, targets, temperature=1.0)  # (N,), (N,)
 
 Forward: one program per row streams the vocabulary in blocks of BLOCK_V with an online recurrence
-over z = logits / temperature (m: running max, s: sum of exp(z - m), a: sum of exp(z - m) * (z - m)),
+over z = logits / temperature (m: running max, s: sum of exp(z - m), a: sum exp(z - m) (z - m)),
 so neither the softmax nor any [N, V] float32 copy is ever written. At the end
 
     lse = m + log s,   logp = (z[target] - m) - log s,   H = lse - sum_v p z = log s - a / s.
@@ -25,13 +25,14 @@ Backward: one program per (row, vocab block) recomputes p = exp((z - m) - log s)
 (d lse / dz = p and dH/dz = -p (log p + H); log p + H = z - sum p z) into a fresh buffer or, for the
 fused LM head, in place over the logits it read.
 
-Numerics: loads in the input dtype (fp32/bf16/fp16), accumulation and outputs in float32. Entries
-equal to -inf (a vocabulary mask) contribute p = 0 and their p (z - m) products are forced to 0, so
-they never produce NaN (0 * -inf) and get zero gradient. Lanes past V load -inf and are masked the
-same way; the running max starts at -inf (not 0), so all-negative rows are exact. Rows whose target
-equals `ignore_index` give logp = 0, H = 0 and a zero gradient row. Targets must otherwise lie in
-[0, V) (not checked: that would cost a device sync). Row offsets are computed in int64 so N * V may
-exceed 2^31.
+Numerics: loads in the input dtype (fp32/bf16/fp16), accumulation and outputs in float32; z is
+formed as logits * (1/T), a multiply (as in the chunked torch path). Entries equal to -inf (a
+vocabulary mask) get p = 0: z - m is clamped to the lowest float32, so p (z - m) is 0 * finite = 0
+rather than 0 * -inf = NaN, and their gradient is exactly 0. Lanes past V load -inf and are handled
+the same way; the running max starts at -inf (not 0), so all-negative rows are exact. Rows whose
+target equals `ignore_index` give logp = 0, H = 0 and a zero gradient row. Targets must otherwise
+lie in [0, V) (not checked: that would cost a device sync). Row offsets are computed in int64 so
+N * V may exceed 2^31.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ FLOAT32_LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 
 @triton.jit
 def _logprob_entropy_fwd_kernel(logits_ptr, logits_row_stride, targets_ptr, logp_ptr, entropy_ptr,
-                                row_max_ptr, log_sum_ptr, V, temperature, ignore_index,
+                                row_max_ptr, log_sum_ptr, V, inv_temperature, ignore_index,
                                 BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_row_stride
@@ -64,7 +65,8 @@ def _logprob_entropy_fwd_kernel(logits_ptr, logits_row_stride, targets_ptr, logp
     a = tl.zeros((), tl.float32)  # sum exp(z - m) * (z - m)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) / temperature
+        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        z = z * inv_temperature
         m_new = tl.maximum(m, tl.max(z, 0))
         # Reference point: the new max, or 0 while the row has only seen -inf (then s = a = 0).
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -82,7 +84,7 @@ def _logprob_entropy_fwd_kernel(logits_ptr, logits_row_stride, targets_ptr, logp
     log_s = tl.log(s)
     entropy = log_s - a / s
     safe_target = tl.where(valid, target, 0)
-    z_target = tl.load(row_ptr + safe_target).to(tl.float32) / temperature
+    z_target = tl.load(row_ptr + safe_target).to(tl.float32) * inv_temperature
     logp = (z_target - m) - log_s
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
     tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0))
@@ -94,7 +96,7 @@ def _logprob_entropy_fwd_kernel(logits_ptr, logits_row_stride, targets_ptr, logp
 def _logprob_entropy_bwd_kernel(logits_ptr, logits_row_stride, grad_ptr, grad_row_stride,
                                 targets_ptr, row_max_ptr, log_sum_ptr, entropy_ptr, dlogp_ptr,
                                 dentropy_ptr,
-                                V, temperature, ignore_index, HAS_DLOGP: tl.constexpr,
+                                V, inv_temperature, ignore_index, HAS_DLOGP: tl.constexpr,
                                 HAS_DENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -105,15 +107,15 @@ def _logprob_entropy_bwd_kernel(logits_ptr, logits_row_stride, grad_ptr, grad_ro
     entropy = tl.load(entropy_ptr + row)
     coef_logp = 0.0
     if HAS_DLOGP:
-        coef_logp = tl.load(dlogp_ptr + row).to(tl.float32) / temperature
+        coef_logp = tl.load(dlogp_ptr + row).to(tl.float32) * inv_temperature
     coef_entropy = 0.0
     if HAS_DENTROPY:
-        coef_entropy = tl.load(dentropy_ptr + row).to(tl.float32) / temperature
+        coef_entropy = tl.load(dentropy_ptr + row).to(tl.float32) * inv_temperature
 
     offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
     in_row = offs < V
     z = tl.load(logits_ptr + row * logits_row_stride + offs, mask=in_row,
-                other=float("-inf")).to(tl.float32) / temperature
+                other=float("-inf")).to(tl.float32) * inv_temperature
     # log p, with -inf (masked entries) clamped so that p (log p + H) = 0 * finite = 0, not NaN.
     logp = tl.maximum((z - row_max) - log_sum, FLOAT32_LOWEST)  # (BLOCK_V,)
     p = tl.exp(logp)
@@ -136,14 +138,14 @@ def logprob_entropy_forward(logits: Tensor, targets: Tensor, *, temperature: flo
                             block_v: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the forward kernel: `(logp, entropy, row_max, log_sum)`, each (N,) float32."""
     N, V = logits.shape
-    assert logits.stride(-1) == 1, f"logits must be contiguous in the vocab dim, got {logits.stride()}"
+    assert logits.stride(-1) == 1, f"logits must be contiguous in V, got strides {logits.stride()}"
     targets = targets.contiguous()
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
-    entropy, row_max, log_sum = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
+    entropy, row_max, log_sum = (torch.empty_like(logp) for _ in range(3))
     if N == 0:
         return logp, entropy, row_max, log_sum
     _logprob_entropy_fwd_kernel[(N,)](
-        logits, logits.stride(0), targets, logp, entropy, row_max, log_sum, V, float(temperature),
+        logits, logits.stride(0), targets, logp, entropy, row_max, log_sum, V, 1.0 / temperature,
         ignore_index, BLOCK_V=_block_v(V, block_v), num_warps=NUM_WARPS)
     return logp, entropy, row_max, log_sum
 
@@ -155,7 +157,7 @@ def logprob_entropy_backward(logits: Tensor, targets: Tensor, row_max: Tensor, l
                              out: Tensor | None = None, block_v: int | None = None) -> Tensor:
     """Launch the backward kernel: d(loss)/d(logits) (N, V) in `out` (may alias `logits`)."""
     N, V = logits.shape
-    assert logits.stride(-1) == 1, f"logits must be contiguous in the vocab dim, got {logits.stride()}"
+    assert logits.stride(-1) == 1, f"logits must be contiguous in V, got strides {logits.stride()}"
     grad = torch.empty_like(logits) if out is None else out
     assert grad.shape == logits.shape and grad.stride(-1) == 1, (grad.shape, grad.stride())
     if N == 0:
@@ -166,7 +168,7 @@ def logprob_entropy_backward(logits: Tensor, targets: Tensor, row_max: Tensor, l
         logits, logits.stride(0), grad, grad.stride(0), targets.contiguous(), row_max, log_sum,
         entropy, dlogp.contiguous() if dlogp is not None else entropy,
         dentropy.contiguous() if dentropy is not None else entropy,
-        V, float(temperature), ignore_index, HAS_DLOGP=dlogp is not None,
+        V, 1.0 / temperature, ignore_index, HAS_DLOGP=dlogp is not None,
         HAS_DENTROPY=dentropy is not None, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
     return grad
 

@@ -1,6 +1,6 @@
 """Naive eager torch reference for per-token log-prob and entropy (the test oracle).
 
-    logp_n = log softmax(z_n)[target_n],   H_n = -sum_v p_nv log p_nv,   z_n = logits_n / temperature
+    logp_n = log softmax(z_n)[target_n],   H_n = -sum_v p_nv log p_nv,   z_n = logits_n / T
 
 Everything is computed in float32 (float64 for float64 inputs) with plain autograd; the whole [N, V]
 softmax is materialised, so this path is for tests and small inputs only. Entries equal to -inf (a
@@ -23,7 +23,7 @@ def eager_logprob_entropy(logits: Tensor, targets: Tensor, *, temperature: float
     """Oracle: `(logp (N,), entropy (N,))` via log_softmax + gather, differentiable by autograd."""
     valid = targets != ignore_index  # (N,)
     z = logits.to(compute_dtype(logits.dtype)) / temperature  # (N, V)
-    # Ignored rows are replaced by zeros so that a fully masked row cannot put NaN into the backward.
+    # Ignored rows are replaced by zeros: a fully masked row cannot put NaN into the backward.
     z = torch.where(valid[:, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
     logp_all = torch.log_softmax(z, dim=-1)  # (N, V)
     p = logp_all.exp()  # (N, V)
@@ -44,3 +44,18 @@ def eager_linear_logprob_entropy(hidden: Tensor, weight: Tensor, targets: Tensor
     logits = hidden @ weight.t()  # (N, V)
     return eager_logprob_entropy(logits, targets, temperature=temperature,
                                  ignore_index=ignore_index)
+
+
+def plain_logprob_entropy(logits: Tensor, targets: Tensor, *,
+                          temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The unfused baseline as it is usually written: float32 log_softmax, exp, gather.
+
+    No -inf or ignore_index handling (NaN entropy on masked vocabularies): benchmarks use it as the
+    "eager torch" baseline so that the oracle's extra safety passes do not inflate the ratios.
+    """
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    logp_all = torch.log_softmax(z, dim=-1)  # (N, V)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (N,)
+    return logp_all.gather(-1, targets[:, None]).squeeze(-1), entropy

@@ -142,10 +142,25 @@ def test_slippery_oracle_success_matches_its_dynamic_programming_value():
     cfg = EnvConfig(name="frozenlake", max_turns=100, frozenlake=FrozenLakeConfig(slippery=True))
     env = FrozenLake(cfg.env_config())
     env.reset(0)
-    predicted = env._reach_probabilities()[99][0]  # success probability from S with 100 moves
+    predicted = env.success_probability()  # optimal success probability from S with 100 moves
     assert 0.7 < predicted < 0.8  # gymnasium's 4x4 slippery map: optimal success about 0.74
     result = evaluate_policy(cfg, "oracle", episodes=1000, seed=0)
     assert abs(result["success_rate"] - predicted) < 0.045  # 3 standard errors
+
+
+def test_success_probability_on_hand_checked_states():
+    env = FrozenLake(FrozenLakeConfig(max_turns=10))
+    env.reset(0)
+    assert env.success_probability() == 1.0  # 6 moves needed, 10 left
+    env = FrozenLake(FrozenLakeConfig(max_turns=5))
+    env.reset(0)
+    assert env.success_probability() == 0.0
+    env = FrozenLake(FrozenLakeConfig(slippery=True, max_turns=1))
+    env.reset(0)
+    env.pos = (3, 2)  # left of G: "right" reaches G with 1/3; "down" (slips right 1/3) the same; nothing better
+    assert env.success_probability() == pytest.approx(1 / 3)
+    env.pos = (2, 2)  # above the cell left of G, one move: G is two cells away
+    assert env.success_probability() == 0.0
 
 
 def test_random_policy_rarely_succeeds_on_classic_map():

@@ -105,7 +105,7 @@ def test_oracle_finds_every_object_and_keeps_it_among_candidates(name):
         obs, reward, done, info = env.step(action)
         turns += 1
         assert name in env.candidates
-    assert info["success"] and turns <= 9, (name, turns)
+    assert info["success"] and turns <= 8, (name, turns)
 
 
 def test_oracle_first_question_splits_most_evenly_and_guesses_among_two():

@@ -13,7 +13,8 @@ HAS_CUDA = torch.cuda.is_available()
 # Triton runs on CUDA tensors, or on CPU tensors in the interpreter (only when no GPU is present).
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]),
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]),
 ]
 
 triton_kernels = pytest.importorskip("fastarcher.kernels.logprob_entropy")
@@ -74,7 +75,7 @@ def test_triton_masked_entries_and_ignored_rows(device):
     logp, entropy, grad = _run(logits, targets, g_logp, g_entropy)
     valid = targets != -100
     logp64, entropy64, grad64 = _oracle(logits, targets, g_logp, g_entropy)
-    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(grad).all()
+    assert all(torch.isfinite(t).all() for t in (logp, entropy, grad))
     assert logp[2] == 0 and entropy[2] == 0 and torch.all(grad[2] == 0)
     assert torch.all(grad[:, :40] == 0) and torch.all(grad[:, 100::7] == 0)
     torch.testing.assert_close(logp[valid], logp64[valid], atol=1e-5, rtol=1e-5)

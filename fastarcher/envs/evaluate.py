@@ -2,6 +2,7 @@
 
     python -m fastarcher.envs.evaluate                    # defaults: 2000 episodes per env and policy
     python -m fastarcher.envs.evaluate --episodes 200 --envs frozenlake sokoban
+    python -m fastarcher.envs.evaluate --variants         # also the non-default configs of docs/envs.md
 
 The random policy draws uniformly from `action_choices()` each turn; the oracle policy plays
 `oracle_action()`. Episodes use seeds seed, seed+1, ...; the random policy's generator is seeded
@@ -13,8 +14,22 @@ import argparse
 import random
 import time
 
-from fastarcher.envs import ENV_NAMES, EnvConfig
+from fastarcher.envs import ENV_NAMES, EnvConfig, FrozenLakeConfig, SokobanConfig
 from fastarcher.envs.runner import BatchedEnvRunner
+
+VARIANTS: dict[str, EnvConfig] = {
+    "frozenlake slippery": EnvConfig(name="frozenlake", frozenlake=FrozenLakeConfig(slippery=True)),
+    "frozenlake slippery, 100 turns": EnvConfig(
+        name="frozenlake", max_turns=100, frozenlake=FrozenLakeConfig(slippery=True)
+    ),
+    "frozenlake random 6x6, 20 turns": EnvConfig(
+        name="frozenlake", max_turns=20, frozenlake=FrozenLakeConfig(random_map_size=6)
+    ),
+    "sokoban 8x8, 2 boxes": EnvConfig(
+        name="sokoban", sokoban=SokobanConfig(width=8, height=8, num_boxes=2, max_solution_moves=14)
+    ),
+}
+"""Non-default configs measured for docs/envs.md."""
 
 
 def evaluate_policy(
@@ -60,13 +75,17 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=2000, help="episodes per env and policy")
     parser.add_argument("--seed", type=int, default=0, help="first episode seed and random-policy seed")
     parser.add_argument("--envs", nargs="+", default=list(ENV_NAMES), choices=ENV_NAMES, help="envs to run")
+    parser.add_argument("--variants", action="store_true", help="also run the non-default configs in VARIANTS")
     args = parser.parse_args()
+    configs = {name: EnvConfig(name=name) for name in args.envs}
+    if args.variants:
+        configs.update(VARIANTS)
     print("| env | policy | success rate | mean return | mean length | episodes | seconds |")
     print("|---|---|---|---|---|---|---|")
-    for name in args.envs:
+    for name, cfg in configs.items():
         for policy in ("random", "oracle"):
             start = time.perf_counter()
-            result = evaluate_policy(EnvConfig(name=name), policy, episodes=args.episodes, seed=args.seed)
+            result = evaluate_policy(cfg, policy, episodes=args.episodes, seed=args.seed)
             seconds = time.perf_counter() - start
             print(
                 f"| {name} | {policy} | {result['success_rate']:.3f} | {result['return_mean']:.3f} | "

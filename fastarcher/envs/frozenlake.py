@@ -20,6 +20,7 @@ hole with probability `hole_prob`), redrawn until a path from S to G exists.
 Oracle: on ice that does not slip, the first move of a BFS shortest path (ties: left, down, right,
 up). On slippery ice, the move that maximises the probability of reaching G within the remaining
 turns (finite-horizon dynamic programming over the map); no policy is certain to succeed there.
+`success_probability()` returns that optimum from the current state.
 """
 from __future__ import annotations
 
@@ -174,6 +175,15 @@ class FrozenLake(TurnBasedEnv):
                 best, best_value = action, value
         return ACTIONS[best]
 
+    def success_probability(self) -> float:
+        """Best probability of reaching G from here in the remaining turns (slippery dynamics if set)."""
+        if not self.cfg.slippery:
+            first, length = _bfs_first_moves(self.grid, self.pos)
+            reachable = first is not None or self._cell(self.pos) == "G"
+            return float(reachable and length <= self.max_turns - self._turn)
+        width = len(self.grid[0])
+        return self._reach_probabilities()[self.max_turns - self._turn][self.pos[0] * width + self.pos[1]]
+
     def _cell(self, pos: tuple[int, int]) -> str:
         return self.grid[pos[0]][pos[1]]
 
@@ -187,14 +197,14 @@ class FrozenLake(TurnBasedEnv):
         return total / 3.0
 
     def _reach_probabilities(self) -> list[list[float]]:
-        """values[t][cell]: best probability of reaching G within t moves, for t = 0..max_turns-1."""
+        """values[t][cell]: best probability of reaching G within t moves, for t = 0..max_turns."""
         if self._dp_cache is not None and self._dp_cache[0] == self.grid:
             return self._dp_cache[1]
         height, width = len(self.grid), len(self.grid[0])
         cells = [(r, c) for r in range(height) for c in range(width)]
         current = [1.0 if self._cell(p) == "G" else 0.0 for p in cells]
         table = [current]
-        for _ in range(self.max_turns - 1):
+        for _ in range(self.max_turns):
             nxt = []
             for pos in cells:
                 kind = self._cell(pos)

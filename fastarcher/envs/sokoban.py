@@ -249,6 +249,7 @@ class Sokoban(TurnBasedEnv):
         self.targets: frozenset = frozenset()
         self.player: Pos = (1, 1)
         self.boxes: frozenset = frozenset()
+        self.height, self.width = self.cfg.height, self.cfg.width
         self._plan: dict[State, str] = {}
 
     def action_choices(self) -> list[str]:
@@ -257,9 +258,9 @@ class Sokoban(TurnBasedEnv):
     def render(self) -> str:
         """The room as text rows (legend in the module docstring); every row ends with "\\n"."""
         lines = []
-        for r in range(self.cfg.height):
+        for r in range(self.height):
             row = []
-            for c in range(self.cfg.width):
+            for c in range(self.width):
                 pos = (r, c)
                 on_target = pos in self.targets
                 if pos not in self.floor:
@@ -272,6 +273,23 @@ class Sokoban(TurnBasedEnv):
                     row.append(TARGET if on_target else FLOOR)
             lines.append("".join(row) + "\n")
         return "".join(lines)
+
+    def load_room(self, rows: list[str]) -> None:
+        """Replace the current room by one drawn in the render legend (a custom level or a test)."""
+        legend = {WALL, FLOOR, TARGET, BOX, BOX_ON_TARGET, PLAYER, PLAYER_ON_TARGET}
+        cells = {(r, c): ch for r, row in enumerate(rows) for c, ch in enumerate(row)}
+        unknown = set(cells.values()) - legend
+        players = [pos for pos, ch in cells.items() if ch in (PLAYER, PLAYER_ON_TARGET)]
+        if unknown or len(players) != 1 or len({len(row) for row in rows}) != 1:
+            raise ValueError(f"room needs equal-length rows of {''.join(sorted(legend))} and one player: {rows}")
+        self.floor = frozenset(pos for pos, ch in cells.items() if ch != WALL)
+        self.targets = frozenset(pos for pos, ch in cells.items() if ch in (TARGET, BOX_ON_TARGET, PLAYER_ON_TARGET))
+        self.boxes = frozenset(pos for pos, ch in cells.items() if ch in (BOX, BOX_ON_TARGET))
+        if len(self.boxes) != len(self.targets):
+            raise ValueError(f"room has {len(self.boxes)} boxes but {len(self.targets)} targets: {rows}")
+        self.player = players[0]
+        self.height, self.width = len(rows), len(rows[0])
+        self._plan = {}
 
     def solution(self) -> list[str] | None:
         """A shortest move sequence from the current state, or None when there is none."""
@@ -292,6 +310,7 @@ class Sokoban(TurnBasedEnv):
 
     def _reset(self, rng: random.Random) -> str:
         self.floor, self.targets, self.player, self.boxes = generate_room(self.cfg, rng)
+        self.height, self.width = self.cfg.height, self.cfg.width
         self._plan = {}
         return PROMPT + self.render()
 

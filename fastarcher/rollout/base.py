@@ -35,12 +35,17 @@ class ActionConstraint:
             mask = torch.zeros(vocab_size, dtype=torch.bool)
             mask[list(toks)] = True
             self._masks[prefix] = mask
+        self._forced = {prefix: next(iter(toks)) for prefix, toks in allowed.items() if len(toks) == 1}
         self.max_len = max(len(p) for p in allowed) + 1
         self._everything = torch.ones(vocab_size, dtype=torch.bool)
 
     def mask(self, prefix: tuple[int, ...]) -> Tensor:
         """Allowed next tokens after `prefix` (all tokens once the prefix has left the table)."""
         return self._masks.get(prefix, self._everything)
+
+    def forced_token(self, prefix: tuple[int, ...]) -> int | None:
+        """The only token allowed after `prefix`, or None when there is a choice."""
+        return self._forced.get(prefix)
 
     def masks_for(self, action_ids: Tensor, action_len: Tensor) -> Tensor:
         """(B, A) action tokens → (B, A, V) masks of the tokens allowed at each position."""

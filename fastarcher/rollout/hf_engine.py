@@ -78,7 +78,7 @@ class HFEngine:
         logprobs: list[list[float]] = [[] for _ in range(batch)]
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         calls = 1
-        for _ in range(params.max_new_tokens):
+        for step in range(params.max_new_tokens):
             logits = logits.float()
             if params.constraint is not None:
                 allowed = torch.stack([params.constraint.mask(tuple(t)) for t in tokens]).to(self.device)
@@ -97,8 +97,16 @@ class HFEngine:
                     tokens[b].append(tok)
                     logprobs[b].append(lp)
             finished |= next_tok == params.stop_token_id
-            if bool(finished.all()):
+            if params.constraint is not None and self._only_stop_left(tokens, finished, params):
+                # Every live row may only stop now: append the stop token without a forward pass
+                # (log-prob 0), so a one-token action costs one forward, not two.
+                for b, done in enumerate(finished.tolist()):
+                    if not done and len(tokens[b]) < params.max_new_tokens:
+                        tokens[b].append(params.stop_token_id)
+                        logprobs[b].append(0.0)
                 break
+            if bool(finished.all()) or step == params.max_new_tokens - 1:
+                break  # no forward after the last token: its logits would never be used
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)
             result = self.model(
                 input_ids=next_tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
@@ -108,6 +116,11 @@ class HFEngine:
             next_pos = next_pos + 1
             calls += 1
         return tokens, logprobs, calls
+
+    @staticmethod
+    def _only_stop_left(tokens: list[list[int]], finished: Tensor, params: SamplingParams) -> bool:
+        live = [t for t, done in zip(tokens, finished.tolist()) if not done]
+        return bool(live) and all(params.constraint.forced_token(tuple(t)) == params.stop_token_id for t in live)
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:

@@ -17,12 +17,16 @@ def full_parameter_buckets(model: nn.Module, bucket_bytes: int) -> Iterator[list
     bucket: list[tuple[str, Tensor]] = []
     size = 0
     for name, param in model.named_parameters():
-        full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
-        bucket.append((name, full))
-        size += full.numel() * full.element_size()
-        if size >= bucket_bytes:
+        # Close the bucket before gathering a tensor that would overflow it (a DTensor reports its
+        # global numel), so at most `bucket_bytes` of full tensors are held at once; a single tensor
+        # larger than the cap travels alone.
+        nbytes = param.numel() * param.element_size()
+        if bucket and size + nbytes > bucket_bytes:
             yield bucket
             bucket, size = [], 0
+        full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+        bucket.append((name, full))
+        size += nbytes
     if bucket:
         yield bucket
 

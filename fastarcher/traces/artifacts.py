@@ -26,6 +26,8 @@ import numpy as np
 
 __all__ = [
     "SCHEMA_VERSION",
+    "INFLUENCE_STEP_ARRAYS",
+    "ENTROPY_STEP_ARRAYS",
     "atomic_write_bytes",
     "atomic_write_json",
     "save_npz_atomic",
@@ -37,6 +39,22 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+
+# Arrays of one influence step file (docs/traces.md describes each). N traced tokens, R responses,
+# K contrast units, M modules. With save_factors, factor_u_{m} (N, k_out), factor_v_{m} (N, k_in)
+# and factor_context_{m} (R, k_out, k_in) are added for every module m.
+INFLUENCE_STEP_ARRAYS = (
+    "step", "response_offsets", "token_ids", "token_positions", "token_scores", "token_grad_norm", "token_text",
+    "text_offsets", "response_text", "response_scores", "response_context_scores", "response_grad_norm", "rewards",
+    "advantages", "objective_weight", "accepted", "group_ids", "unit_ids", "rank", "row", "n_response_tokens",
+    "unit_n_accepted", "unit_n_rejected", "damping", "module_names", "module_k_in", "module_k_out",
+)
+# Arrays of one entropy step file.
+ENTROPY_STEP_ARRAYS = (
+    "step", "response_offsets", "token_ids", "token_positions", "token_entropy", "token_text", "text_offsets",
+    "response_text", "rewards", "advantages", "group_ids", "rank", "row", "n_response_tokens", "quantile_levels",
+    "quantile_values",
+)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

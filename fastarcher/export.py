@@ -1,0 +1,116 @@
+"""Export the trained policy as a standard Hugging Face folder (`save_pretrained` + tokenizer).
+
+    python -m fastarcher.export runs/tiny_cpu/checkpoints/iter_000040 exported/   # from a checkpoint
+    python -m fastarcher.export runs/tiny_cpu exported/                           # newest checkpoint of a run
+
+The trainer calls `export_policy` at the end of a run (`checkpoint.export_hf`, into run_dir/hf_policy).
+With FSDP2 the shards are gathered into full tensors (a collective: every rank calls it) and rank 0
+writes the folder; the result loads anywhere with `AutoModelForCausalLM.from_pretrained(folder)` and
+`AutoTokenizer.from_pretrained(folder)`. The folder is written under a temporary name and renamed, so
+a crash never leaves a half-written export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU tensors of `model` on rank 0, an empty dict elsewhere (collective)."""
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())
+    if not sharded:
+        return {k: v.detach().to("cpu") for k, v in model.state_dict().items()} if _rank() == 0 else {}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No 'Writing model shards' progress bar in the training log."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def export_policy(policy: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """Write `policy` (possibly FSDP2-sharded) and `tokenizer` to `out_dir` as a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    state = full_state_dict(policy)
+    if _rank() == 0:
+        config = policy.config
+        with torch.device("meta"):
+            clean = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
+        missing, unexpected = clean.load_state_dict(state, strict=False, assign=True)
+        tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"policy state does not fit {type(clean).__name__}: missing "
+                               f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        clean.tie_weights()
+        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with _quiet_transformers():
+            clean.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return out_dir
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Export the policy stored in a fastarcher checkpoint (single process; reads only the policy)."""
+    from fastarcher.checkpoint import CheckpointError, check_checkpoint, latest_checkpoint, load_dcp, read_trainer_state
+    from fastarcher.model import ModelConfig, load_policy
+
+    path = Path(checkpoint)
+    if not (path / "manifest.json").is_file():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{path} is neither a checkpoint (no manifest.json) nor a folder holding one")
+        path = found
+    problems = check_checkpoint(path)
+    if problems:
+        raise CheckpointError(f"{path} cannot be exported: " + "; ".join(problems))
+    model_cfg = ModelConfig(**read_trainer_state(path)["config"]["model"])
+    policy, tokenizer = load_policy(model_cfg)
+    state = {"policy": policy.state_dict()}
+    load_dcp(state, path / "model")  # in place, into the policy's own tensors
+    return export_policy(policy, tokenizer, out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Export a fastarcher checkpoint's policy as a Hugging Face folder")
+    parser.add_argument("checkpoint", help="checkpoint folder (iter_*) or a run folder (its newest checkpoint)")
+    parser.add_argument("out", help="output folder (replaced if it exists)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out)
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(f"export error: {error}") from None
+    print(f"exported the policy of {args.checkpoint} to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Numerical guards: an optimizer step whose loss or gradient is not finite is skipped, counted and
+logged; after `guard.max_consecutive_skips` skips in a row of one optimizer the run stops with a message
+naming the loss, its value and the step.
+
+    guard = StepGuard(cfg.guard, log=print)
+    for micro_batch in ...:
+        loss.backward(); guard.track("critic", loss)
+    grad_norm = guard.check_and_step("critic", critic, critic_opt, max_norm=1.0, iteration=it)
+
+`check_and_step` replaces "clip, step, zero": it clips to `max_norm` (0 = no clipping), and steps only
+when the tracked loss (summed over the micro-batches since the last step) and the global gradient norm
+are finite on every rank. The decision is all-reduced, so all ranks skip together and FSDP shards never
+drift apart. This is one host sync per optimizer step (the flag is read on the host to decide); set
+`guard.skip_nonfinite false` to step unconditionally without it.
+
+The skipped step leaves parameters and optimizer state (Adam moments, step counter) untouched and
+drops the gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class _Counters:
+    steps: int = 0
+    """Guarded optimizer steps so far (taken or skipped)."""
+    skipped: int = 0
+    """Steps skipped for a non-finite loss or gradient."""
+    consecutive: int = 0
+    """Skips since the last step that was taken."""
+
+
+@dataclass
+class StepGuard:
+    """Guards the optimizer steps of named optimizers ('critic', 'actor')."""
+
+    cfg: "GuardConfig"  # noqa: F821 - fastarcher.config.GuardConfig (not imported: config imports lots)
+    log: Callable[[str], None] = print
+    counters: dict[str, _Counters] = field(default_factory=dict)
+    _pending: dict[str, Tensor] = field(default_factory=dict)
+
+    def track(self, name: str, loss: Tensor) -> None:
+        """Add a micro-batch loss (no sync) to the total that the next `check_and_step(name)` checks."""
+        loss = loss.detach().float()
+        self._pending[name] = loss if name not in self._pending else self._pending[name] + loss
+
+    def check_and_step(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer, *,
+                       max_norm: float, iteration: int, loss: Tensor | None = None) -> Tensor:
+        """Clip, then step if everything is finite, then zero the gradients; returns the pre-clip
+        global grad norm (0-d). Raises NonFiniteLossError after too many consecutive skips."""
+        params = [p for p in module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        norm = norm.detach()
+        pending = self._pending.pop(name, None)
+        if loss is not None:
+            pending = loss.detach().float() if pending is None else pending + loss.detach().float()
+        counters = self.counters.setdefault(name, _Counters())
+        counters.steps += 1
+        if not self.cfg.skip_nonfinite:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return norm
+        loss_value = pending if pending is not None else torch.zeros((), device=norm.device)
+        values = torch.stack([loss_value.to(norm.device, torch.float32), norm.float()])  # (2,)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # NaN and Inf survive a sum: one rank's bad loss makes every rank skip
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            values = values / dist.get_world_size()
+        finite = bool(torch.isfinite(values).all())  # sync point: the host decides whether to step
+        if finite:
+            optimizer.step()
+            counters.consecutive = 0
+        else:
+            counters.skipped += 1
+            counters.consecutive += 1
+            self._on_skip(name, counters, float(values[0]), float(values[1]), iteration)
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _on_skip(self, name: str, counters: _Counters, loss: float, norm: float, iteration: int) -> None:
+        limit = self.cfg.max_consecutive_skips
+        what = f"{name} loss {loss:.6g}, grad norm {norm:.6g} at iteration {iteration} ({name} step {counters.steps})"
+        if limit and counters.consecutive >= limit:
+            raise NonFiniteLossError(
+                f"stopping: {counters.consecutive} consecutive {name} optimizer steps were skipped because the loss "
+                f"or gradient was not finite; the last one: {what}. Lower optim.{name}_lr, set or tighten "
+                f"optim.{name}_grad_clip, or check the inputs; then resume from the last checkpoint with "
+                f"--checkpoint.resume auto (guard.max_consecutive_skips is {limit}, 0 never stops)")
+        self.log(f"guard: skipped the {name} optimizer step: {what}; {counters.consecutive} in a row"
+                 + (f", the run stops at {limit}" if limit else ""))
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative counts, identical on every rank: guard/skipped_steps and one key per optimizer."""
+        out = {"guard/skipped_steps": float(sum(c.skipped for c in self.counters.values()))}
+        for name in ("critic", "actor", *sorted(set(self.counters) - {"critic", "actor"})):
+            out[f"guard/skipped_{name}_steps"] = float(self.counters[name].skipped if name in self.counters else 0)
+        return out
+
+    def state_dict(self) -> dict:
+        return {name: vars(c).copy() for name, c in self.counters.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counters = {name: _Counters(**values) for name, values in state.items()}

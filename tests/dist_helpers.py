@@ -1,0 +1,188 @@
+"""Shared test helpers: a tiny built-in policy, subprocess launchers, and the 2-process checks.
+
+The 2-process checks (FSDP2 weight sync into the engine, cross-rank metric reduction) run in one
+`torchrun --standalone --nproc_per_node=2` launch per pytest session, shared by
+tests/test_weight_sync.py and tests/test_metrics.py through `dist_check_results()`:
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_helpers.py OUT_DIR
+
+Each rank records what it measured in OUT_DIR/rank{r}.json (the tests assert on those numbers, so a
+failure shows the values rather than a bare traceback from a worker).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+SYNC_BUCKET_BYTES = 20_000
+"""Bucket cap of the weight-sync check: several tensors per bucket, and some tensors larger than it."""
+
+
+def tiny_policy(dtype: torch.dtype = torch.float64, seed: int = 0, init_std: float | None = None, **overrides):
+    """(model, tokenizer): the built-in Llama, small, in eval mode, identical for a given seed.
+
+    `init_std` re-draws every weight matrix from N(0, init_std²): the default init (std 0.02) with tied
+    embeddings makes a random model repeat its last input token, which hides context bugs (padding,
+    positions); std 0.3 gives context-dependent, still smooth outputs.
+    """
+    from fastarcher.model import ModelConfig, build_builtin_model, build_builtin_tokenizer
+
+    tokenizer = build_builtin_tokenizer()
+    settings = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=128)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = build_builtin_model(ModelConfig(**settings), len(tokenizer), tokenizer.pad_token_id,
+                                tokenizer.eos_token_id)
+    if init_std is not None:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, init_std)
+    return model.to(dtype).eval(), tokenizer
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes: one thread each (2 shared cores), no wandb, no torchrun leftovers,
+    no PYTHONPATH (children import the installed package, as a user's would)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONPATH")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", COLUMNS="100")
+    return env
+
+
+def run_python(args: list[str], *, cwd: str | Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=str(cwd), env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_torchrun(args: list[str], *, nproc: int = 2, cwd: str | Path = REPO,
+                 timeout: float = 180) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=nproc ARGS` (args: a script path or `-m module`, then flags)."""
+    return run_python(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
+                      cwd=cwd, timeout=timeout)
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    return f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+
+
+@functools.cache
+def dist_check_results() -> list[dict]:
+    """Launch the 2-process checks once per session; returns each rank's recorded results."""
+    out = Path(tempfile.mkdtemp(prefix="fastarcher_dist_"))
+    proc = run_torchrun([str(Path(__file__).resolve()), str(out)], timeout=240)
+    if proc.returncode != 0:
+        raise AssertionError("2-process checks failed:\n" + describe(proc))
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+# --------------------------------------------------------------------------------------------------
+# What each rank runs under torchrun.
+
+
+def _expected_bucket_count(sizes: list[int], cap: int) -> int:
+    """Greedy packing in order: a bucket closes before the tensor that would overflow it."""
+    count, current = 0, 0
+    for size in sizes:
+        if current and current + size > cap:
+            count, current = count + 1, 0
+        current += size
+    return count + (current > 0)
+
+
+def _weight_sync_check(rank: int, world_size: int) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    from fastarcher.model import transformer_blocks
+    from fastarcher.parallel import data_parallel_mesh, parallelize
+    from fastarcher.rollout.hf_engine import HFEngine
+    from fastarcher.rollout.weight_sync import sync_weights
+
+    device = torch.device("cpu")
+    policy, tokenizer = tiny_policy(torch.float32, seed=0)  # identical init on every rank
+    engine = HFEngine(copy.deepcopy(policy), pad_id=tokenizer.pad_token_id, device=device)
+    initial = {n: p.detach().clone() for n, p in engine.named_parameters()}
+
+    parallelize(policy, transformer_blocks(policy), data_parallel_mesh(device, world_size))
+    policy.train()
+    sharded = {n: isinstance(p, DTensor) and p.to_local().numel() < p.numel() for n, p in policy.named_parameters()}
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    data = torch.Generator().manual_seed(1000 + rank)  # different data per rank: gradients are averaged
+    for _ in range(3):
+        ids = torch.randint(3, len(tokenizer), (2, 8), generator=data)  # (B, T)
+        loss = policy(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    buckets: list[list[tuple[str, int]]] = []
+    update = engine.update_weights
+
+    def recording_update(named):
+        named = list(named)
+        buckets.append([(n, t.numel() * t.element_size()) for n, t in named])
+        update(named)
+
+    engine.update_weights = recording_update
+    stats = sync_weights(policy, engine, bucket_bytes=SYNC_BUCKET_BYTES)
+
+    full = {n: p.full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in policy.named_parameters()}
+    engine_params = dict(engine.named_parameters())
+    probe = torch.randint(3, len(tokenizer), (2, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        policy.eval()
+        train_logits = policy(input_ids=probe).logits
+        engine_logits = engine.model(input_ids=probe).logits
+    sizes = [t.numel() * t.element_size() for t in full.values()]
+    return {
+        "names_train": sorted(full),
+        "names_engine": sorted(engine_params),
+        "equal_after_sync": {n: bool(torch.equal(engine_params[n], full[n])) for n in full if n in engine_params},
+        "changed_from_init": {n: not torch.equal(full[n], initial[n]) for n in full if n in initial},
+        "sharded": sharded,
+        "buckets": buckets,
+        "bucket_order": [name for bucket in buckets for name, _ in bucket],
+        "train_order": list(full),
+        "expected_buckets": _expected_bucket_count(sizes, SYNC_BUCKET_BYTES),
+        "stats": stats,
+        "total_bytes": sum(sizes),
+        "logits_max_diff": float((train_logits - engine_logits).abs().max()),
+        "engine_checksum": float(sum(p.double().sum() for p in engine_params.values())),
+    }
+
+
+def _metrics_check(rank: int, world_size: int) -> dict:
+    from fastarcher.metrics import reduce_metrics
+
+    local = {"count/episodes": float(rank + 1), "time/rollout_s": 10.0 * (rank + 1),
+             "mem/peak_gib": 1.0 + rank, "rollout/success_rate": 2.0 * rank}
+    if rank == 1:
+        local = dict(reversed(list(local.items())))  # same keys, another order
+    return {"reduced": reduce_metrics(local, world_size)}
+
+
+def _main(out_dir: str) -> None:
+    from fastarcher.dist import init_distributed, shutdown_distributed
+
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    try:
+        result = {"world_size": info.world_size, "weight_sync": _weight_sync_check(info.rank, info.world_size),
+                  "metrics": _metrics_check(info.rank, info.world_size)}
+        Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
