@@ -1,23 +1,25 @@
 """Overhead of the influence trace on the actor step: time and peak memory, tracing off vs on.
 
-    python benchmarks/bench_traces.py                          # table with ratios (time and peak RSS)
-    python -m pytest benchmarks/bench_traces.py -q             # pytest-benchmark timings + ratio lines
+    python benchmarks/bench_traces.py [--rounds 9] [--threads 1]   # table with ratios vs off
+    python -m pytest benchmarks/bench_traces.py -q                 # pytest-benchmark, ratio table at the end
 
-Actor step = forward, policy-gradient loss, backward, AdamW step of a Llama-style model
-(hidden 256, 4 layers, intermediate 688, vocab 2048: 3.95M parameters) on a batch of 8 x 128 tokens
-(96 response tokens each), float32 on CPU. Traced variants capture factors on the 4 `mlp.down_proj`
-modules, 96 tokens per response, 8 prompts, and run `finish_step` (scoring, identity mode, and the
-step file write) inside the timed step:
-- `proj16`: projection_dim_factor 16 (default caps): k_in 43, k_out 16 per module, D = 2752
-- `proj4`:  projection_dim_factor 4, caps raised: k_in 172, k_out 64 per module, D = 44032
-Peak memory on CPU is the peak resident set size of a fresh process that builds the model and runs
-the steps (`ru_maxrss`), so it includes the interpreter and torch (the "off" row is that baseline).
+Actor step = forward, policy-gradient loss, backward, AdamW step of a Llama-style model (hidden 256,
+4 layers, intermediate 688, vocab 2048: 3.95M parameters) on a batch of 8 x 128 tokens (96 response
+tokens each), float32 on CPU. The traced variants hook the 4 `mlp.down_proj` modules (the default
+filter), keep all 96 tokens of every response, and run `finish_step` (identity-mode scoring and the
+step-file write) inside the timed step:
+- `proj16`: projection_dim_factor 16 (default caps): (k_in, k_out) = (43, 16) per module, D = 2752
+- `proj4`:  projection_dim_factor 4, caps raised: (172, 64) per module, D = 44032
+Times are medians over rounds in which the variants take turns (so load from other processes on a
+shared machine hits them alike), as process CPU seconds and wall seconds. Memory: `peak RSS` is the
+high-water mark (VmHWM) of a fresh process that builds the model and runs 2 steps, interpreter and
+torch included; `tracer peak` is the exact number of bytes the tracer itself holds at its largest
+(after the forward: projected inputs of every traced module, projection matrices).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +41,7 @@ VARIANTS = {
 
 
 def build(variant: str, run_dir: str):
+    """(actor_step(), tracer, stats) for one variant; stats["tracer_peak_bytes"] is updated by each step."""
     torch.manual_seed(0)
     model = tiny_causal_lm(arch="llama", vocab=2048, hidden=256, layers=4, heads=8, kv_heads=4, intermediate=688,
                            dtype=torch.float32)
@@ -52,96 +55,108 @@ def build(variant: str, run_dir: str):
     mask = torch.zeros(BATCH, LENGTH, dtype=torch.bool)
     mask[:, PROMPT:] = True
     advantages = torch.randn(BATCH, generator=g)
-    state = {"step": 0}
+    stats = {"step": 0, "tracer_peak_bytes": 0}
 
     def actor_step():
-        step = state["step"]
+        step = stats["step"]
         with tracer.capture(step, response_mask=mask, token_ids=ids, advantages=advantages):
             loss = policy_gradient_loss(shift_logprobs(model(ids).logits, ids), mask, advantages)
+            stats["tracer_peak_bytes"] = max(stats["tracer_peak_bytes"], tracer.held_bytes())
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        stats["tracer_peak_bytes"] = max(stats["tracer_peak_bytes"], tracer.held_bytes())
         tracer.finish_step(step)
-        state["step"] += 1
+        stats["step"] += 1
 
-    return actor_step, tracer
+    return actor_step, tracer, stats
 
 
-def _interleaved_medians(steps: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per step of each variant, variants interleaved round by round so that load from
-    other processes on a shared machine hits them alike."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
+def interleaved_medians(steps: dict, rounds: int) -> dict[str, tuple[float, float]]:
+    """(median CPU seconds, median wall seconds) per step of each variant, variants taking turns."""
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    wall: dict[str, list[float]] = {name: [] for name in steps}
     for fn in steps.values():
         fn()  # warm-up (allocator, projection matrices)
     for _ in range(rounds):
         for name, fn in steps.items():
-            start = time.perf_counter()
+            c, w = time.process_time(), time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            cpu[name].append(time.process_time() - c)
+            wall[name].append(time.perf_counter() - w)
+    return {name: (statistics.median(cpu[name]), statistics.median(wall[name])) for name in steps}
 
 
-def _peak_rss_mib(variant: str, rounds: int) -> float:
-    """Peak RSS of a fresh process running `rounds` steps of `variant`."""
-    out = subprocess.run([sys.executable, __file__, "--memory-worker", variant, "--rounds", str(rounds)],
+def _vm_hwm_mib() -> float:
+    """High-water RSS of this process image (VmHWM; unlike ru_maxrss it does not inherit the parent's)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mib(variant: str, threads: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--memory-worker", variant, "--threads", str(threads)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
-def report(rounds: int = 5) -> list[dict]:
+def report(rounds: int, threads: int) -> list[dict]:
+    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as run_dir:
         built = {variant: build(variant, f"{run_dir}/{variant}") for variant in VARIANTS}
-        medians = _interleaved_medians({v: step for v, (step, _) in built.items()}, rounds)
+        medians = interleaved_medians({v: b[0] for v, b in built.items()}, rounds)
         rows = []
-        for variant, (_, tracer) in built.items():
+        for variant, (_, tracer, stats) in built.items():
             sizes = sorted({(p.k_in, p.k_out) for p in tracer.projections})
-            rows.append({"variant": variant, "step_s": medians[variant], "D": tracer.dim, "k_in_k_out": sizes,
-                         "peak_rss_mib": _peak_rss_mib(variant, 2)})
+            rows.append({"variant": variant, "cpu_s": medians[variant][0], "wall_s": medians[variant][1],
+                         "D": tracer.dim, "k": sizes[0] if sizes else None,
+                         "tracer_peak_mib": stats["tracer_peak_bytes"] / 2**20,
+                         "peak_rss_mib": peak_rss_mib(variant, threads)})
     base = rows[0]
-    print(f"actor step, {BATCH}x{LENGTH} tokens, CPU threads={torch.get_num_threads()}, median of {rounds} "
-          "interleaved rounds")
-    print(f"{'variant':8s} {'D':>6s} {'(k_in,k_out)':>14s} {'step ms':>9s} {'x off':>6s} {'peak RSS MiB':>13s} {'x off':>6s} "
-          f"{'+MiB':>6s}")
+    print(f"actor step {BATCH}x{LENGTH} tokens, torch threads {threads}, medians of {rounds} interleaved rounds")
+    print(f"{'variant':8s} {'D':>6s} {'(k_in,k_out)':>13s} {'cpu ms':>8s} {'x off':>6s} {'wall ms':>8s} {'x off':>6s} "
+          f"{'peak RSS MiB':>12s} {'x off':>6s} {'tracer peak MiB':>15s}")
     for r in rows:
-        print(f"{r['variant']:8s} {r['D']:6d} {str(r['k_in_k_out'][0] if r['k_in_k_out'] else '-'):>14s} "
-              f"{r['step_s'] * 1e3:9.1f} {r['step_s'] / base['step_s']:6.3f} {r['peak_rss_mib']:13.1f} "
-              f"{r['peak_rss_mib'] / base['peak_rss_mib']:6.3f} {r['peak_rss_mib'] - base['peak_rss_mib']:6.1f}")
+        print(f"{r['variant']:8s} {r['D']:6d} {str(r['k'] or '-'):>13s} {r['cpu_s'] * 1e3:8.1f} "
+              f"{r['cpu_s'] / base['cpu_s']:6.3f} {r['wall_s'] * 1e3:8.1f} {r['wall_s'] / base['wall_s']:6.3f} "
+              f"{r['peak_rss_mib']:12.1f} {r['peak_rss_mib'] / base['peak_rss_mib']:6.3f} {r['tracer_peak_mib']:15.2f}")
     return rows
 
 
 # ---------------------------------------------------------------- pytest-benchmark
-_MEANS: dict[str, float] = {}
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _print_ratios(request):
+def _one_thread():
+    """One torch thread: on a small shared machine, several threads make timings mostly contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
-    if "off" in _MEANS:
-        reporter = request.config.pluginmanager.getplugin("terminalreporter")
-        for variant, mean in _MEANS.items():
-            reporter.write_line(f"bench_traces: {variant} step {mean * 1e3:.1f} ms = {mean / _MEANS['off']:.3f} x off")
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_actor_step_tracing_overhead(benchmark, variant, tmp_path):
+def test_actor_step_tracing_overhead(benchmark, ratio_table, variant, tmp_path):
     benchmark.group = "traces: actor step"
-    step, _ = build(variant, str(tmp_path))
+    step, _, _ = build(variant, str(tmp_path))
     step()  # warm-up
     benchmark.pedantic(step, rounds=5, iterations=1)
-    _MEANS[variant] = benchmark.stats.stats.mean
+    ratio_table.record("traces: actor step 8x128", variant, baseline="off",
+                       time_s=benchmark.stats.stats.median, peak_mib=peak_rss_mib(variant, 1))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--memory-worker", choices=list(VARIANTS))
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.memory_worker:
+        torch.set_num_threads(args.threads)
         with tempfile.TemporaryDirectory() as run_dir:
-            step_fn, _ = build(args.memory_worker, run_dir)
-            for _ in range(args.rounds):
+            step_fn, _, _ = build(args.memory_worker, run_dir)
+            for _ in range(2):
                 step_fn()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        print(json.dumps({"peak_rss_mib": peak}))
+        print(json.dumps({"peak_rss_mib": _vm_hwm_mib()}))
     else:
-        report(args.rounds)
+        report(args.rounds, args.threads)

@@ -16,8 +16,11 @@ RATIOS_KEY = pytest.StashKey[dict]()
 
 
 def pytest_collect_file(file_path, parent):
-    """Collect bench_*.py as test modules, unless pytest.ini's python_files already does."""
+    """Collect bench_*.py as test modules, unless pytest.ini's python_files already does (or the
+    file was named on the command line, which pytest collects by itself)."""
     if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
+        return None
+    if parent.session.isinitpath(file_path):
         return None
     if any(fnmatch.fnmatch(file_path.name, pattern)
            for pattern in parent.config.getini("python_files")):

@@ -135,9 +135,13 @@ class SafeFileSystemReader(dcp.FileSystemReader):
 
 def load_dcp(state: dict, folder: str | Path) -> None:
     """dcp.load into `state` (in place) through the allow-listed metadata reader."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)))
+    except dcp.CheckpointException as error:  # one failure per rank, each wrapping the real exception
+        reasons = {str(getattr(f, "exc", f)).strip().splitlines()[-1] for f in error.failures.values()}
+        raise CheckpointError(f"cannot load the model state in {folder}: {'; '.join(sorted(reasons))}") from error
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,6 +528,7 @@ class Checkpointer:
         stop = self.cfg.save_on_sigterm and _any_rank(self._stop_requested)
         path = self.save(trainer) if (due or stop) and self.last_saved_iteration != it else None
         if stop:
+            self._uninstall_sigterm()
             where = path or self.folder / checkpoint_name(it)
             raise SystemExit(f"stopped by SIGTERM after saving {where}; run the same command with "
                              f"--checkpoint.resume auto to continue from iteration {it}")
@@ -645,10 +650,10 @@ class Checkpointer:
 
         Called once at the start of `fit()` (before anything is logged). Also installs the SIGTERM handler.
         """
-        self._install_sigterm()
         path = self.resolve()
         if path is None:
             self._fresh_start(trainer)
+            self._install_sigterm()
             return None
         t0 = time.perf_counter()
         self._load(trainer, path)
@@ -658,6 +663,7 @@ class Checkpointer:
         self.timings["load_s"] = time.perf_counter() - t0
         self.log(f"checkpoint: resumed from {path} at iteration {trainer.iteration} "
                  f"({self.timings['load_s']:.2f} s)")
+        self._install_sigterm()
         return path
 
     def _fresh_start(self, trainer) -> None:
@@ -705,10 +711,7 @@ class Checkpointer:
         hyper = {name: [(g["lr"], g.get("weight_decay")) for g in getattr(trainer, name).param_groups]
                  for name in ("actor_opt", "critic_opt")}
         model_state = _model_state(trainer, state["optimizers"])
-        try:
-            load_dcp(model_state, path / "model")
-        except Exception as error:  # noqa: BLE001 - re-raised with the checkpoint named
-            raise CheckpointError(f"cannot load the model state of {path}: {error}") from error
+        load_dcp(model_state, path / "model")
         set_model_state_dict(trainer.policy, model_state["policy"])
         set_model_state_dict(trainer.critic, model_state["critic"])
         set_model_state_dict(trainer.target, model_state["target"])

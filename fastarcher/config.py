@@ -85,6 +85,10 @@ class ArcherConfig:
     """Polyak rate of the target critic after every critic optimizer step."""
     entropy_coeff: float = 0.001
     """Weight of the token entropy bonus in the actor loss."""
+    advantage_baseline: Literal["none", "batch_mean"] = "none"
+    """Subtract the batch mean from A = Q − V before the actor loss ('none' is the reference code).
+    E[c·∇log π(a′|s)] = 0 for a constant c, so the expected gradient is unchanged; what goes away is
+    the drift that a critic offset (min Q vs min V) would otherwise push along all sampled actions."""
     normalize_advantage: bool = False
     """Divide actor advantages by their batch std (off in the reference code)."""
 

@@ -212,6 +212,8 @@ class Trainer:
                     s_mask = _mask(mb.state_len, mb.state_ids.shape[1])
                     q1, q2, v1, v2 = self.critic(mb.state_ids, s_mask, f_ids, _mask(f_len, f_ids.shape[1]))
                     advantage = archer_advantage(q1=q1, q2=q2, v1=v1, v2=v2)
+                    if a.advantage_baseline == "batch_mean":
+                        advantage = advantage - advantage.mean()
                     if a.normalize_advantage:
                         advantage = advantage / (advantage.std(correction=0) + 1e-6)
                 logprob_sum, entropy = self._logprobs(mb.state_ids, mb.state_len, f_ids, f_len)

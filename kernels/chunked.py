@@ -98,9 +98,8 @@ class ChunkedLogprobEntropyFunction(torch.autograd.Function):
     """Autograd wrapper of the chunked torch path.
 
     Saves the logits (no copy), the targets, row max, log-sum and entropy (one number per row
-    each). Forward and
-    backward each hold at most two [chunk_rows, V] compute-dtype buffers besides the outputs; the
-    gradient is allocated once in the logits' dtype.
+    each). Forward and backward each hold at most two [chunk_rows, V] compute-dtype buffers besides
+    the outputs; the gradient is allocated once in the logits' dtype.
     """
 
     @staticmethod

@@ -47,9 +47,8 @@ def _row_forward(logits: Tensor, targets: Tensor, temperature: float, ignore_ind
 
 
 def _row_backward(logits: Tensor, targets: Tensor, row_max: Tensor, log_sum: Tensor,
-                  entropy: Tensor,
-                  dlogp: Tensor | None, dentropy: Tensor | None, temperature: float,
-                  ignore_index: int, use_triton: bool) -> Tensor:
+                  entropy: Tensor, dlogp: Tensor | None, dentropy: Tensor | None,
+                  temperature: float, ignore_index: int, use_triton: bool) -> Tensor:
     """dlogits (C, V) in the logits' dtype, written over `logits` where the dtype allows."""
     if use_triton:
         from .logprob_entropy import logprob_entropy_backward

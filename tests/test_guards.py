@@ -251,7 +251,6 @@ BAD_CONFIGS = [
     (["--guard.max-consecutive-skips", "-2"], "guard.max_consecutive_skips (-2) must not be negative"),
     (["--archer.batch-size", "64", "--replay.capacity", "10"], "archer.batch_size (64) must not exceed replay.capacity"),
     (["--iterations", "0"], "iterations (0) must be positive"),
-    (["--config", "configs/no_such_preset.yaml"], "config preset 'configs/no_such_preset.yaml' does not exist"),
 ]
 
 
@@ -265,6 +264,13 @@ def test_bad_config_stops_before_any_work_naming_the_field(flags, message, tmp_p
         main(["--config", "configs/tiny_cpu.yaml", "--log.run-dir", str(run_dir), *flags])
     assert message in str(info.value) and str(info.value).startswith("config error")
     assert not (run_dir / "metrics.jsonl").exists()  # nothing was started
+
+
+def test_missing_preset_is_named():
+    from fastarcher.train import main
+
+    with pytest.raises(SystemExit, match=r"config preset 'configs/no_such_preset.yaml' does not exist"):
+        main(["--config", "configs/no_such_preset.yaml"])
 
 
 def test_unknown_preset_key_is_named(tmp_path):

@@ -276,3 +276,25 @@ def test_every_n_steps_skips_steps(tmp_path):
         tracer.finish_step(step)
     files = sorted(p.name for p in (tmp_path / "influence_trace" / "steps").iterdir())
     assert files == ["step_000000.npz", "step_000002.npz"]
+
+
+def test_lm_head_with_logits_to_keep_aligns_to_the_sequence_tail(tmp_path):
+    """The trainer computes logits only for the last A + 1 positions (HF logits_to_keep): lm_head then
+    sees (B, A + 1, H), aligned with the end of the sequence; the factors must equal the full-logits ones."""
+    torch.manual_seed(0)
+    model = tiny_causal_lm()
+    ids, mask, adv = _batch()
+    keep = T - PROMPT + 1
+    cfg = _config(module_name_filter=("lm_head", "layers.1.mlp.down_proj"))
+    _, full = _traced_step(model, tmp_path / "full", cfg, ids, mask, adv)
+    tracer = InfluenceTracer(cfg, model, tmp_path / "tail")
+    with tracer.capture(0, response_mask=mask, token_ids=ids, advantages=adv):
+        logits = model(ids, logits_to_keep=keep).logits  # (B, keep, V): position T - keep + i
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, T - keep + 1:, None]).squeeze(-1)
+        loss = -(adv[:, None] * logp * mask[:, T - keep + 1:]).sum(1).mean()
+        loss.backward()
+    tracer.finish_step(0)
+    tail = load_step(tmp_path / "tail" / "influence_trace", 0)
+    for key in full:
+        if key.startswith("factor_"):
+            np.testing.assert_allclose(tail[key], full[key], rtol=1e-10, atol=1e-14)

@@ -44,7 +44,8 @@ def test_every_field_has_a_docstring():
             for i, item in enumerate(body):
                 if isinstance(item, ast.AnnAssign):
                     doc = body[i + 1] if i + 1 < len(body) else None
-                    assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant), (node.name, item.target.id)
+                    has_doc = isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                    assert has_doc, (node.name, item.target.id)
     assert {f.name for f in fields(InfluenceTraceConfig)} >= {
         "module_name_filter", "max_modules", "max_tokens_per_response", "max_prompts_per_step", "projection_dim_factor",
         "max_proj_vector_sum", "max_hessian_dim", "output_function", "hessian_mode", "hessian_source", "damping",

@@ -62,16 +62,17 @@ def _in_backward() -> bool:
 class _Record:
     """One module's factors for one capture: v of every selected row, then u and context from backward."""
 
-    __slots__ = ("index", "v_all", "u_tok", "v_tok", "context")
+    __slots__ = ("index", "offset", "v_all", "u_tok", "v_tok", "context")
 
-    def __init__(self, index: int, v_all: torch.Tensor):
+    def __init__(self, index: int, offset: int, v_all: torch.Tensor):
         self.index = index
-        self.v_all = v_all  # (R, T, k_in)
+        self.offset = offset  # the module saw positions offset..T-1 (HF logits_to_keep on lm_head)
+        self.v_all = v_all  # (R, T - offset, k_in)
         self.u_tok = self.v_tok = self.context = None
 
 
 class _Capture:
-    """Index tensors of one capture() (one micro-batch), cached per device and dtype."""
+    """Index tensors of one capture() (one micro-batch), cached per device, dtype and position offset."""
 
     def __init__(self, layout, batch_shape: tuple[int, int]):
         self.layout = layout
@@ -87,11 +88,15 @@ class _Capture:
         self.closed = False
         self._cache: dict = {}
 
-    def on(self, device: torch.device, dtype: torch.dtype):
-        key = (device, dtype)
+    def on(self, device: torch.device, dtype: torch.dtype, offset: int = 0):
+        """(rows, token_local, token_pos, token_valid, context_weight) for a module that saw the last
+        T - offset positions: token_pos is shifted by offset, and tokens before it are not valid."""
+        key = (device, dtype, offset)
         if key not in self._cache:
-            self._cache[key] = (self.rows.to(device), self.token_local.to(device), self.token_hook_pos.to(device),
-                                self.context_weight.to(device=device, dtype=dtype))
+            pos = self.token_hook_pos - offset
+            self._cache[key] = (self.rows.to(device), self.token_local.to(device), pos.clamp(min=0).to(device),
+                                (pos >= 0).to(device=device, dtype=dtype)[:, None],
+                                self.context_weight[:, offset:].to(device=device, dtype=dtype))
         return self._cache[key]
 
 
@@ -210,10 +215,13 @@ class InfluenceTracer:
         saved = [p.grad for p in params]
         for p in params:
             p.grad = None
-        cuda_devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        cuda_ready = torch.cuda.is_available() and torch.cuda.is_initialized()
+        cuda_devices = [torch.cuda.current_device()] if cuda_ready else []
         try:
             with torch.random.fork_rng(devices=cuda_devices), \
                     self._capturing(step, response_mask, token_ids, group_ids, rewards, advantages):
+                if self._state is None:  # no row selected (prompt cap reached): skip the extra pass
+                    return True
                 logp = forward_fn()  # (B, T)
                 if tuple(logp.shape) != tuple(response_mask.shape):
                     raise ValueError(f"trace_objective: forward_fn returned shape {tuple(logp.shape)}; expected "
@@ -237,7 +245,9 @@ class InfluenceTracer:
         token ids -> text (e.g. tokenizer.decode), used on rank 0 for per-token text spans."""
         if not self.is_due(step):
             return {}
-        buffer = self._buffer if self._buffer is not None and self._buffer.step == step else _StepBuffer(step, len(self.projections))
+        buffer = self._buffer
+        if buffer is None or buffer.step != step:
+            buffer = _StepBuffer(step, len(self.projections))
         self._buffer = None
         started = time.perf_counter()
         payload = buffer.payload(texts)
@@ -247,6 +257,20 @@ class InfluenceTracer:
         if self.comm.is_main:
             metrics = self._score_and_write(step, gathered, decode, gather_s)
         return self.comm.broadcast(metrics)
+
+    def held_bytes(self) -> int:
+        """Bytes the tracer holds now: projection matrices, the open capture's tensors, the step's buffers."""
+        if not self.cfg.enabled:
+            return 0
+        total = sum(t.numel() * t.element_size() for t in self.projector._cache.values())
+        if self._state is not None:
+            for record in self._state.records.values():
+                for t in (record.v_all, record.u_tok, record.v_tok, record.context):
+                    total += t.numel() * t.element_size() if t is not None else 0
+        if self._buffer is not None:
+            for parts in (self._buffer.u, self._buffer.v, self._buffer.context):
+                total += sum(a.nbytes for chunks in parts for a in chunks)
+        return total
 
     def close(self) -> None:
         """Remove the hooks."""
@@ -274,8 +298,9 @@ class InfluenceTracer:
         check_batch_inputs("InfluenceTracer.capture", response_mask, token_ids, group_ids, rewards, advantages)
         signal_name = self.cfg.accept_signal
         if (advantages if signal_name == "advantage" else rewards) is None:
-            raise ValueError(f"trace.influence.accept_signal ({signal_name!r}) needs "
-                             f"{'advantages' if signal_name == 'advantage' else 'rewards'}= in capture()/trace_objective()")
+            needed = "advantages" if signal_name == "advantage" else "rewards"
+            raise ValueError(f"trace.influence.accept_signal ({signal_name!r}) needs {needed}= in "
+                             "capture()/trace_objective()")
         buffer = self._step_buffer(step)
         mask = response_mask.detach().to("cpu").bool().clone()  # (B, T); a CPU sync on traced steps only
         mask[:, 0] = False  # token 0 has no position that predicts it
@@ -352,16 +377,18 @@ class InfluenceTracer:
             raise RuntimeError(f"InfluenceTracer: traced module {name!r} ran twice inside one capture(); "
                                "one model forward per capture() is supported")
         x = args[0]
-        if tuple(x.shape[:-1]) != state.shape:
+        if x.dim() != 3 or x.shape[0] != state.shape[0] or x.shape[1] > state.shape[1]:
             raise RuntimeError(f"InfluenceTracer: module {name!r} saw input of shape {tuple(x.shape)}, which does "
-                               f"not match response_mask (B, T) = {state.shape}; trace modules that run on every position")
+                               f"not fit response_mask (B, T) = {state.shape}; a traced module must see (B, T', d) "
+                               "with its T' positions the last T' of the sequence")
         self._sync()
         started = time.perf_counter()
         with torch.no_grad():
             dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            rows = state.on(x.device, dtype)[0]
-            x_rows = x.detach() if state.all_rows else x.detach()[rows]  # (R, T, d_in)
-            record = _Record(index, self.projector.project(index, "in", x_rows))  # (R, T, k_in)
+            offset = state.shape[1] - x.shape[1]
+            rows = state.on(x.device, dtype, offset)[0]
+            x_rows = x.detach() if state.all_rows else x.detach()[rows]  # (R, T', d_in)
+            record = _Record(index, offset, self.projector.project(index, "in", x_rows))  # (R, T', k_in)
         state.records[index] = record
         output.register_hook(partial(self._grad_hook, state, record))
         self._sync()
@@ -376,16 +403,16 @@ class InfluenceTracer:
         started = time.perf_counter()
         with torch.no_grad():
             v_all = record.v_all
-            rows, token_local, token_pos, context_weight = state.on(grad.device, v_all.dtype)
-            dy = grad if state.all_rows else grad[rows]  # (R, T, d_out)
-            u_all = self.projector.project(record.index, "out", dy)  # (R, T, k_out)
-            u_tok = u_all[token_local, token_pos]  # (N, k_out)
+            rows, token_local, token_pos, valid, context_weight = state.on(grad.device, v_all.dtype, record.offset)
+            dy = grad if state.all_rows else grad[rows]  # (R, T', d_out)
+            u_all = self.projector.project(record.index, "out", dy)  # (R, T', k_out)
+            u_tok = u_all[token_local, token_pos] * valid  # (N, k_out); zero for tokens the module never saw
             context = (u_all * context_weight[..., None]).transpose(1, 2) @ v_all  # (R, k_out, k_in)
             if self.cfg.grad_offload_to_cpu:
                 u_tok, context = u_tok.cpu(), context.cpu()
             if record.u_tok is None:
                 record.u_tok, record.context = u_tok, context
-                v_tok = v_all[token_local, token_pos]  # (N, k_in)
+                v_tok = v_all[token_local, token_pos] * valid  # (N, k_in)
                 record.v_tok = v_tok.cpu() if self.cfg.grad_offload_to_cpu else v_tok
             else:  # a second backward through the same graph: u adds up, v is the same
                 record.u_tok = record.u_tok + u_tok

@@ -41,13 +41,13 @@ class InfluenceTraceConfig:
     every_n_steps: int = 1
     """Trace actor steps whose index is a multiple of this (1 = every step)."""
     output_function: OutputFunction = "training_loss"
-    """Traced scalar: the training loss during the real backward, or a separate backward of sum(A*log pi) or sum(r*log pi)."""
+    """Traced scalar: the loss of the real backward, or an extra backward of sum(A*log pi) or sum(r*log pi)."""
     module_name_filter: tuple[str, ...] = ("mlp.down_proj",)
     """Trace nn.Linear modules whose qualified name contains any of these substrings (empty = every nn.Linear)."""
     max_modules: int = 4
     """Keep at most this many matching modules, the deepest (last in module order) first (0 = all)."""
     max_tokens_per_response: int = 128
-    """Per-token factors for the first this-many response tokens; later tokens join the response's context share (0 = all)."""
+    """Per-token factors for the first this-many response tokens; later ones join the context block (0 = all)."""
     max_prompts_per_step: int = 8
     """Trace the responses of at most this many distinct prompts (group ids) per rank and step (0 = all)."""
     projection_dim_factor: int = 16
@@ -57,7 +57,7 @@ class InfluenceTraceConfig:
     max_hessian_dim: int = 4096
     """Cap on D = sum over modules of k_in * k_out (projected gradient and Hessian dimension); sizes shrink above it."""
     hessian_mode: HessianMode = "identity"
-    """Score metric: identity (plain gradient dot products) or inverse (damped projected Gauss-Newton/Fisher inverse)."""
+    """Score metric: identity (gradient dot products) or inverse (damped projected Gauss-Newton/Fisher inverse)."""
     hessian_source: HessianSource = "response"
     """Samples whose outer products form H in inverse mode: per-response or per-token projected gradients."""
     damping: float | None = None
@@ -97,7 +97,8 @@ class InfluenceTraceConfig:
         _check_choice(p, "hessian_mode", self.hessian_mode, ("identity", "inverse"))
         _check_choice(p, "hessian_source", self.hessian_source, ("response", "token"))
         if self.damping is not None and not (math.isfinite(self.damping) and self.damping > 0):
-            raise ValueError(f"{p}.damping ({self.damping!r}) must be a finite number > 0, or None for automatic damping")
+            raise ValueError(f"{p}.damping ({self.damping!r}) must be a finite number > 0, or None for automatic "
+                             "damping")
         _check_choice(p, "accept_signal", self.accept_signal, ("advantage", "reward"))
         _check_choice(p, "accepted_rejected_scope", self.accepted_rejected_scope, ("per_prompt", "all_selected"))
         _check_choice(p, "contrastive_agg", self.contrastive_agg, ("sum", "mean"))
@@ -112,7 +113,7 @@ class EntropyTraceConfig:
     every_n_steps: int = 1
     """Trace actor steps whose index is a multiple of this (1 = every step)."""
     max_responses_per_step: int = 16
-    """Store per-token entropies of at most this many responses per rank and step (0 = all); statistics use every response."""
+    """Store per-token entropies of at most this many responses per rank and step (0 = all); stats use all."""
     max_tokens_per_response: int = 0
     """Store at most this many leading tokens of each stored response (0 = all)."""
     quantiles: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -132,7 +133,8 @@ class EntropyTraceConfig:
             if not 0.0 <= q <= 1.0:
                 raise ValueError(f"{p}.quantiles ({self.quantiles!r}) must lie in [0, 1]; got {q!r}")
         if not (math.isfinite(self.high_entropy_threshold) and self.high_entropy_threshold >= 0):
-            raise ValueError(f"{p}.high_entropy_threshold ({self.high_entropy_threshold!r}) must be a finite number >= 0")
+            raise ValueError(f"{p}.high_entropy_threshold ({self.high_entropy_threshold!r}) must be a finite "
+                             "number >= 0")
 
 
 @dataclass(kw_only=True)

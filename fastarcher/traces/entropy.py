@@ -71,10 +71,12 @@ class EntropyTracer:
         check_batch_inputs("EntropyTracer.record", response_mask, token_ids, group_ids, rewards, advantages,
                            token_values=token_entropy)
         if texts is not None and len(texts) != response_mask.shape[0]:
-            raise ValueError(f"EntropyTracer.record: texts has {len(texts)} entries for a batch of {response_mask.shape[0]}")
+            raise ValueError(f"EntropyTracer.record: texts has {len(texts)} entries for a batch of "
+                             f"{response_mask.shape[0]}")
         if self._step != step:
             self._reset(step)
-        payload = self._local_payload(token_entropy, response_mask, token_ids, texts, decode, group_ids, rewards, advantages)
+        payload = self._local_payload(token_entropy, response_mask, token_ids, texts, decode, group_ids, rewards,
+                                      advantages)
         gathered = self.comm.gather(payload)
         metrics: dict[str, float] = {}
         if self.comm.is_main:
@@ -84,7 +86,8 @@ class EntropyTracer:
             metrics = self._write(step)
         return self.comm.broadcast(metrics)
 
-    def _local_payload(self, token_entropy, response_mask, token_ids, texts, decode, group_ids, rewards, advantages) -> dict:
+    def _local_payload(self, token_entropy, response_mask, token_ids, texts, decode, group_ids, rewards,
+                       advantages) -> dict:
         mask = response_mask.detach().to("cpu").bool()  # (B, T); a CPU sync on traced steps only
         entropy = token_entropy.detach().to("cpu", torch.float64)  # (B, T)
         ids = token_ids.detach().to("cpu")
@@ -139,7 +142,8 @@ class EntropyTracer:
             "row": np.asarray([r["row"] for r in stored], dtype=np.int32),
             "n_response_tokens": np.asarray([r["n_response_tokens"] for r in stored], dtype=np.int32),
             "quantile_levels": np.asarray(self.cfg.quantiles, dtype=np.float64),
-            "quantile_values": np.asarray([stats[f"entropy_q{q * 100:g}"] for q in self.cfg.quantiles], dtype=np.float64),
+            "quantile_values": np.asarray([stats[f"entropy_q{q * 100:g}"] for q in self.cfg.quantiles],
+                                          dtype=np.float64),
         }
         record = {"n_tokens": int(values.size), "n_stored_responses": len(stored),
                   "high_entropy_threshold": self.cfg.high_entropy_threshold, **stats}

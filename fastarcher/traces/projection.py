@@ -44,7 +44,8 @@ class ModuleProjection:
         return self.k_in * self.k_out
 
 
-def select_linear_modules(model: nn.Module, name_filter: Sequence[str], max_modules: int) -> list[tuple[str, nn.Linear]]:
+def select_linear_modules(model: nn.Module, name_filter: Sequence[str],
+                          max_modules: int) -> list[tuple[str, nn.Linear]]:
     """nn.Linear modules whose name contains any substring of `name_filter` (all if empty), keeping the
     deepest `max_modules` (last in `named_modules` order, which follows the forward order of HF models)."""
     found = [
@@ -63,7 +64,8 @@ def projection_sizes(
     """(k_in, k_out) for each (d_in, d_out) following the rule in the module docstring."""
     if not shapes:
         return []
-    sizes = [(min(d_in, math.ceil(d_in / dim_factor)), min(d_out, math.ceil(d_out / dim_factor))) for d_in, d_out in shapes]
+    sizes = [(min(d_in, math.ceil(d_in / dim_factor)), min(d_out, math.ceil(d_out / dim_factor)))
+             for d_in, d_out in shapes]
 
     def scaled(ratio: float) -> list[tuple[int, int]]:
         return [(max(1, math.floor(a * ratio)), max(1, math.floor(b * ratio))) for a, b in sizes]
@@ -89,7 +91,8 @@ def projection_sizes(
     return sizes
 
 
-def rademacher_matrix(rows: int, cols: int, *, seed: int, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def rademacher_matrix(rows: int, cols: int, *, seed: int, name: str,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(rows, cols) matrix of +-1/sqrt(rows), the same for a given (seed, name) on every machine."""
     generator = torch.Generator(device="cpu")
     generator.manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))

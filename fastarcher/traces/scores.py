@@ -157,7 +157,8 @@ def contrast_coefficients(flags: torch.Tensor, weight_sign: torch.Tensor, unit_i
     return side * torch.sign(weight_sign.to(torch.float64)), n_acc, n_rej
 
 
-def contrast_directions(gradients: torch.Tensor, coefficients: torch.Tensor, unit_ids: torch.Tensor, n_units: int) -> torch.Tensor:
+def contrast_directions(gradients: torch.Tensor, coefficients: torch.Tensor, unit_ids: torch.Tensor,
+                        n_units: int) -> torch.Tensor:
     """(K, D) d_k = sum_{r in unit k} w_r g_r."""
     weighted = gradients * coefficients.to(gradients.dtype)[:, None]  # (R, D)
     return gradients.new_zeros(n_units, gradients.shape[1]).index_add_(0, unit_ids, weighted)
@@ -357,7 +358,7 @@ def score_step(
         raise ValueError(f"trace.influence.hessian_mode ({hessian_mode!r}) must be 'identity' or 'inverse'")
     ctx = context_scores(f, q, unit_ids)
     resp = tok.new_zeros(f.n_responses).index_add_(0, f.token_response, tok) + ctx
-    tok_norm = torch.sqrt(sum(u.square().sum(1) * v.square().sum(1) for u, v in zip(f.u, f.v))) if f.u else tok.new_zeros(0)
+    tok_norm = torch.sqrt(sum(u.square().sum(1) * v.square().sum(1) for u, v in zip(f.u, f.v)))  # ||f_n||
     return ScoreResult(
         token_scores=tok,
         response_scores=resp,

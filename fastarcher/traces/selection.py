@@ -50,12 +50,14 @@ def check_batch_inputs(where: str, response_mask: torch.Tensor, token_ids: torch
     if tuple(token_ids.shape) != shape:
         raise ValueError(f"{where}: token_ids shape {tuple(token_ids.shape)} must equal response_mask shape {shape}")
     if token_values is not None and tuple(token_values.shape) != shape:
-        raise ValueError(f"{where}: per-token values shape {tuple(token_values.shape)} must equal response_mask shape {shape}")
+        raise ValueError(f"{where}: per-token values shape {tuple(token_values.shape)} must equal response_mask "
+                         f"shape {shape}")
     for name, value in (("group_ids", group_ids), ("rewards", rewards)):
         if value is not None and tuple(torch.as_tensor(value).shape) != (batch,):
             raise ValueError(f"{where}: {name} shape {tuple(torch.as_tensor(value).shape)} must be ({batch},)")
     if advantages is not None and tuple(torch.as_tensor(advantages).shape) not in ((batch,), shape):
-        raise ValueError(f"{where}: advantages shape {tuple(torch.as_tensor(advantages).shape)} must be ({batch},) or {shape}")
+        raise ValueError(f"{where}: advantages shape {tuple(torch.as_tensor(advantages).shape)} must be ({batch},) "
+                         f"or {shape}")
 
 
 def select_rows(has_tokens: Sequence[bool], group_ids: Sequence[int], *, max_groups: int, max_rows: int,

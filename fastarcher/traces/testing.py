@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["tiny_causal_lm", "token_logprobs", "shift_logprobs", "policy_gradient_loss", "demo_decode", "write_demo_run"]
+__all__ = ["tiny_causal_lm", "token_logprobs", "shift_logprobs", "policy_gradient_loss", "demo_decode",
+           "write_demo_run"]
 
 
 def tiny_causal_lm(*, arch: str = "qwen2", vocab: int = 64, hidden: int = 32, layers: int = 2, heads: int = 4,
@@ -27,7 +28,8 @@ def tiny_causal_lm(*, arch: str = "qwen2", vocab: int = 64, hidden: int = 32, la
 
 def shift_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """(B, T, V) logits, (B, T) ids -> (B, T) log pi(token_ids[b, t] | < t) at index t; index 0 is 0."""
-    logp = torch.log_softmax(logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1], -1)
+    logits = logits[:, :-1]
+    logp = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
     picked = logp.gather(-1, token_ids[:, 1:, None]).squeeze(-1)  # (B, T - 1)
     return torch.cat([picked.new_zeros(picked.shape[0], 1), picked], dim=1)
 

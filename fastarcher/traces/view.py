@@ -41,14 +41,18 @@ table.stats td.k { text-align: left; color: #555; }
 .tables { display: flex; gap: 16px; align-items: flex-start; flex-wrap: wrap; }
 .plot img { max-width: 100%; border: 1px solid #ddd; background: #fff; }
 .legend { display: flex; gap: 28px; font-size: 12px; align-items: center; margin: 6px 0 10px 0; }
-.bar { display: inline-block; width: 160px; height: 12px; border: 1px solid #bbb; vertical-align: middle; margin: 0 6px; }
+.bar { display: inline-block; width: 160px; height: 12px; border: 1px solid #bbb; vertical-align: middle;
+       margin: 0 6px; }
 .resp { background: #fff; border: 1px solid #ddd; border-radius: 6px; margin: 10px 0; padding: 8px 10px; }
 .meta { font-size: 12px; color: #444; margin-bottom: 6px; }
 .badge { display: inline-block; padding: 0 6px; border-radius: 8px; font-weight: bold; font-size: 11px; }
-.acc { background: #d8f0d8; color: #1a6a1a; } .rej { background: #f6d5d5; color: #8a1a1a; } .neu { background: #eee; color: #555; }
+.acc { background: #d8f0d8; color: #1a6a1a; } .rej { background: #f6d5d5; color: #8a1a1a; }
+.neu { background: #eee; color: #555; }
 .cols { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; }
-.col h3 { font-size: 11px; color: #666; margin: 0 0 3px 0; font-weight: normal; text-transform: uppercase; letter-spacing: .04em; }
-.toks { font-family: 'DejaVu Sans Mono', monospace; font-size: 13px; line-height: 1.75; white-space: pre-wrap; word-break: break-word; }
+.col h3 { font-size: 11px; color: #666; margin: 0 0 3px 0; font-weight: normal; text-transform: uppercase;
+          letter-spacing: .04em; }
+.toks { font-family: 'DejaVu Sans Mono', monospace; font-size: 13px; line-height: 1.75; white-space: pre-wrap;
+        word-break: break-word; }
 .tok { border-radius: 2px; padding: 1px 0; }
 .missing { color: #999; font-size: 12px; font-style: italic; }
 """
@@ -184,7 +188,8 @@ def _stats_table(entropy_rec: dict | None, influence_rec: dict | None) -> str:
     """The step's manifest statistics as small key/value tables side by side."""
     tables = []
     if entropy_rec:
-        keys = ["entropy_mean"] + sorted((k for k in entropy_rec if k.startswith("entropy_q")), key=lambda k: float(k[9:]))
+        quantile_keys = sorted((k for k in entropy_rec if k.startswith("entropy_q")), key=lambda k: float(k[9:]))
+        keys = ["entropy_mean"] + quantile_keys
         tables.append(("entropy", [(k, entropy_rec.get(k)) for k in keys + ["high_entropy_share", "n_tokens"]]))
     if influence_rec:
         keys = ["n_responses", "n_tokens", "n_accepted", "n_rejected", "n_units_with_contrast", "method", "damping",
@@ -251,11 +256,14 @@ def build_page(run_dir: str | Path, step: int | None = None, max_responses: int 
     keys = sorted(index)[:max_responses]
 
     vmax = float(np.quantile(ent["token_entropy"], 0.99)) if ent is not None and ent["token_entropy"].size else 1.0
-    smax = float(np.quantile(np.abs(inf["token_scores"]), 0.99)) if inf is not None and inf["token_scores"].size else 1.0
+    smax = 1.0
+    if inf is not None and inf["token_scores"].size:
+        smax = float(np.quantile(np.abs(inf["token_scores"]), 0.99))
     cards = []
     for key in keys:
         ei, ii = index[key]
-        left = _tokens_entropy(ent, ei, vmax) if ei is not None else '<span class="missing">not in the entropy trace</span>'
+        left = (_tokens_entropy(ent, ei, vmax) if ei is not None
+                else '<span class="missing">not in the entropy trace</span>')
         right = (_tokens_influence(inf, ii, smax) if ii is not None
                  else '<span class="missing">not in the influence trace</span>')
         cards.append(
@@ -267,7 +275,8 @@ def build_page(run_dir: str | Path, step: int | None = None, max_responses: int 
         f'<div class="legend"><span>entropy 0<span class="bar" style="background:linear-gradient(to right,'
         f'{_mix(_ENTROPY_RGB, 0)},{_mix(_ENTROPY_RGB, 1)})"></span>{vmax:.3g} nats (step q99)</span>'
         f'<span>influence {_fmt(-smax)}<span class="bar" style="background:linear-gradient(to right,'
-        f'{_mix(_NEGATIVE_RGB, 1)},#ffffff,{_mix(_POSITIVE_RGB, 1)})"></span>{_fmt(smax)} (step q99 of |score|)</span></div>'
+        f'{_mix(_NEGATIVE_RGB, 1)},#ffffff,{_mix(_POSITIVE_RGB, 1)})"></span>{_fmt(smax)} '
+        '(step q99 of |score|)</span></div>'
     )
     shown = f"{len(keys)} of {len(index)} responses" if index else "no responses"
     page = f"""<!DOCTYPE html>

@@ -1,0 +1,326 @@
+"""Checkpoint layout, atomicity, validation and fallback (fastarcher/checkpoint.py).
+
+References: the manifest written at save time (sizes, CRC-32 via zlib), hand-built replay buffers whose
+rows carry their own ids, and the RNG streams' own outputs before and after a restore.
+"""
+
+import json
+import os
+import pickle
+import random
+import shutil
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fastarcher.checkpoint import (
+    CheckpointError,
+    Checkpointer,
+    capture_rng,
+    check_checkpoint,
+    config_differences,
+    load_dcp,
+    redistribute_replay,
+    restore_rng,
+    resume_candidates,
+    save_replay_shard,
+)
+from fastarcher.config import CheckpointConfig
+from fastarcher.replay import ReplayBuffer, TransitionBatch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ("--config configs/tiny_cpu.yaml --rollout.num-envs 4 --eval.episodes 4 --eval.every 0 "
+        "--eval.no-random-baseline --archer.batch-size 8 --archer.warmup-iterations 1 --replay.capacity 256 "
+        "--log.no-progress --checkpoint.no-export-hf --checkpoint.no-save-on-sigterm").split()
+
+
+def run_trainer(run_dir: Path, *flags: str):
+    """Build, fit and finish a one-process trainer with the tiny settings; returns it."""
+    from fastarcher.dist import DistInfo
+    from fastarcher.train import parse_config
+    from fastarcher.trainer import Trainer
+
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(REPO)
+    torch.set_num_threads(1)
+    try:
+        cfg = parse_config([*TINY, "--log.run-dir", str(run_dir), *flags])
+        cfg.validate(world_size=1)
+        trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+        trainer.fit()
+        trainer.save_final()
+        trainer.logger.close()
+        return trainer
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """3 iterations saving every iteration with keep_last 2 → iter_000002 and iter_000003 remain."""
+    torch.manual_seed(0)
+    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
+    trainer = run_trainer(run_dir, "--iterations", "3", "--checkpoint.save-every", "1", "--checkpoint.keep-last", "2")
+    return SimpleNamespace(run_dir=run_dir, folder=run_dir / "checkpoints", trainer=trainer)
+
+
+@pytest.fixture
+def run_copy(saved_run, tmp_path):
+    """A private copy of the saved run folder to damage."""
+    dst = tmp_path / "run"
+    shutil.copytree(saved_run.run_dir, dst)
+    return dst
+
+
+def _checkpointer(run_dir: Path, **cfg) -> Checkpointer:
+    messages = []
+    ck = Checkpointer(CheckpointConfig(save_on_sigterm=False, **cfg), run_dir, log=messages.append)
+    ck.messages = messages
+    return ck
+
+
+# ------------------------------------------------------------------------------------------------------
+# layout and manifest
+
+
+def test_save_writes_complete_layout_latest_pointer_and_prunes_to_keep_last(saved_run):
+    folder = saved_run.folder
+    assert sorted(p.name for p in folder.iterdir()) == ["iter_000002", "iter_000003", "latest"]
+    assert (folder / "latest").read_text().strip() == "iter_000003"
+    ckpt = folder / "iter_000003"
+    for name in ("manifest.json", "trainer.json", "model/.metadata", "model/__0_0.distcp",
+                 "replay/rank_00000.safetensors", "rng/rank_00000.safetensors"):
+        assert (ckpt / name).is_file(), name
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["iteration"] == 3 and manifest["world_size"] == 1
+    on_disk = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert sorted(manifest["files"]) == on_disk
+    for name, entry in manifest["files"].items():
+        data = (ckpt / name).read_bytes()
+        assert entry["size"] == len(data) and entry["crc32"] == zlib.crc32(data)
+    state = json.loads((ckpt / "trainer.json").read_text())
+    assert state["iteration"] == 3 and [row["iteration"] for row in state["history"]] == [0, 1, 2, 3]
+    assert state["optimizers"] == ["actor_opt", "critic_opt"]  # the actor stepped at iteration 2 (warm-up 1)
+    assert check_checkpoint(ckpt) == []
+
+
+def test_optimizer_that_never_stepped_is_not_saved(saved_run, tmp_path):
+    # iteration 1 of a warm-up-1 run: the actor has not stepped yet, so its AdamW must stay uninitialised
+    run_dir = tmp_path / "run"
+    trainer = run_trainer(run_dir, "--iterations", "1")
+    state = json.loads((run_dir / "checkpoints" / "iter_000001" / "trainer.json").read_text())
+    assert state["optimizers"] == ["critic_opt"]
+    assert not trainer.actor_opt.state  # saving did not initialise it either
+
+
+# ------------------------------------------------------------------------------------------------------
+# damaged checkpoints
+
+
+def _truncate(ckpt: Path):
+    path = ckpt / "model" / "__0_0.distcp"
+    path.write_bytes(path.read_bytes()[:-100])
+    return "truncated or replaced"
+
+
+def _flip_byte(ckpt: Path):
+    path = ckpt / "replay" / "rank_00000.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return "fails its CRC-32 check"
+
+
+def _delete_file(ckpt: Path):
+    (ckpt / "rng" / "rank_00000.safetensors").unlink()
+    return "is missing"
+
+
+def _no_manifest(ckpt: Path):
+    (ckpt / "manifest.json").unlink()
+    return "has no manifest.json (the save did not finish)"
+
+
+def _garbage_manifest(ckpt: Path):
+    (ckpt / "manifest.json").write_text("{not json")
+    return "is unreadable"
+
+
+def _future_format(ckpt: Path):
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["format"] = 99
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    return "checkpoint format 99"
+
+
+DAMAGE = [_truncate, _flip_byte, _delete_file, _no_manifest, _garbage_manifest, _future_format]
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=[d.__name__.strip("_") for d in DAMAGE])
+def test_damaged_checkpoint_is_detected_and_auto_falls_back_to_the_previous_one(run_copy, damage):
+    newest = run_copy / "checkpoints" / "iter_000003"
+    reason = damage(newest)
+    problems = check_checkpoint(newest)
+    assert problems and reason in " ".join(problems)
+    ck = _checkpointer(run_copy, resume="auto")
+    assert ck.resolve() == run_copy / "checkpoints" / "iter_000002"
+    log = "\n".join(ck.messages)
+    assert "skipping" in log and str(newest) in log and reason in log and "falling back" in log
+
+
+def test_size_only_verification_misses_a_flipped_byte_but_crc_catches_it(run_copy):
+    newest = run_copy / "checkpoints" / "iter_000003"
+    _flip_byte(newest)
+    assert check_checkpoint(newest, verify="size") == []
+    assert check_checkpoint(newest, verify="crc32") != []
+
+
+def test_auto_refuses_when_every_checkpoint_is_damaged_and_deletes_nothing(run_copy):
+    for name in ("iter_000002", "iter_000003"):
+        _truncate(run_copy / "checkpoints" / name)
+    with pytest.raises(CheckpointError, match=r"found 2 checkpoint\(s\).*none is usable.*--checkpoint.resume none"):
+        _checkpointer(run_copy, resume="auto").resolve()
+    assert (run_copy / "checkpoints" / "iter_000002").is_dir() and (run_copy / "checkpoints" / "iter_000003").is_dir()
+
+
+def test_explicit_damaged_checkpoint_is_an_error_without_fallback(run_copy):
+    newest = run_copy / "checkpoints" / "iter_000003"
+    _delete_file(newest)
+    with pytest.raises(CheckpointError, match=r"checkpoint.resume .*iter_000003.* cannot be used: .* is missing"):
+        _checkpointer(run_copy, resume=str(newest)).resolve()
+
+
+def test_explicit_run_folder_resolves_to_its_newest_valid_checkpoint(run_copy):
+    assert _checkpointer(run_copy, resume=str(run_copy)).resolve() == run_copy / "checkpoints" / "iter_000003"
+
+
+def test_half_written_tmp_folder_is_never_a_candidate(run_copy):
+    folder = run_copy / "checkpoints"
+    shutil.copytree(folder / "iter_000003", folder / ".tmp-iter_000004")  # a crash mid-save
+    (folder / "iter_000002").rename(folder / ".tmp-iter_000002-old")
+    shutil.rmtree(folder / "iter_000003")
+    (folder / "latest").unlink()
+    assert resume_candidates(folder) == []
+    assert _checkpointer(run_copy, resume="auto").resolve() is None  # nothing valid: a fresh start
+
+
+def test_broken_latest_pointer_falls_back_to_the_newest_folder(run_copy):
+    folder = run_copy / "checkpoints"
+    (folder / "latest").write_text("../../etc\n")
+    assert resume_candidates(folder)[0] == folder / "iter_000003"
+    (folder / "latest").write_text("iter_000002\n")  # the pointer wins over the folder order
+    assert resume_candidates(folder)[0] == folder / "iter_000002"
+
+
+def test_resume_none_moves_existing_checkpoints_aside(run_copy):
+    ck = _checkpointer(run_copy, resume="none")
+    assert ck.restore(trainer=None) is None
+    folder = run_copy / "checkpoints"
+    aside = [p for p in folder.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["iter_000002", "iter_000003"]
+    assert not (folder / "latest").exists() and "moved to" in ck.messages[0]
+
+
+def test_tampered_dcp_metadata_is_refused_without_running_code(run_copy, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = run_copy / "checkpoints" / "iter_000003"
+    (ckpt / "model" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_dcp({"policy": {}}, ckpt / "model")
+    assert not marker.exists()
+
+
+def test_model_state_loads_through_the_safe_reader(saved_run):
+    policy = saved_run.trainer.policy
+    state = {"policy": {k: torch.zeros_like(v) for k, v in policy.state_dict().items()}}
+    load_dcp(state, saved_run.folder / "iter_000003" / "model")
+    assert all(torch.equal(state["policy"][k], v) for k, v in policy.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------------
+# pieces
+
+
+def test_rng_capture_and_restore_reproduce_every_stream():
+    trainer = SimpleNamespace(sample_gen=torch.Generator().manual_seed(1), buffer_gen=torch.Generator().manual_seed(2),
+                              cpu_gen=torch.Generator().manual_seed(3), py_rng=random.Random(4))
+    torch.manual_seed(5), np.random.seed(6), random.seed(7)
+
+    def draw():
+        return (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random(), trainer.py_rng.random(),
+                *(torch.rand(2, generator=getattr(trainer, g)).tolist() for g in ("sample_gen", "buffer_gen", "cpu_gen")))
+
+    tensors, meta = capture_rng(trainer)
+    tensors, meta = {k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(meta))  # as on disk
+    first = draw()
+    restore_rng(trainer, tensors, meta)
+    assert draw() == first
+
+
+def _buffer_with_ids(n_rows: int, first_id: int, capacity: int) -> ReplayBuffer:
+    """Rows whose reward is their id; added in chunks so the write pointer wraps."""
+    buf = ReplayBuffer(capacity, 4, 2, 2, pad_id=0)
+    ids = torch.arange(first_id, first_id + n_rows, dtype=torch.float32)
+    for chunk in ids.split(3):
+        b = len(chunk)
+        buf.add(TransitionBatch(state_ids=torch.ones(b, 4, dtype=torch.long), state_len=torch.full((b,), 4),
+                                action_ids=torch.ones(b, 2, dtype=torch.long), action_len=torch.full((b,), 2),
+                                next_obs_ids=torch.ones(b, 2, dtype=torch.long), next_obs_len=torch.full((b,), 1),
+                                reward=chunk, done=torch.zeros(b), mc_return=chunk * 2))
+    return buf
+
+
+def _rows_oldest_first(buf: ReplayBuffer) -> list[float]:
+    sd = buf.state_dict()
+    ptr, size = int(sd["meta"][5]), int(sd["meta"][6])
+    slots = (ptr - size + torch.arange(size)) % buf.capacity
+    return sd["reward"][slots].tolist()
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2), (2, 3)])
+def test_replay_shards_are_pooled_and_dealt_out_oldest_first(tmp_path, old_world, new_world):
+    # old shard k holds rows k*100 + 0..9 (capacity 8: the oldest two were overwritten → 2..9 remain)
+    paths = []
+    for k in range(old_world):
+        path = tmp_path / f"rank_{k}.safetensors"
+        save_replay_shard(_buffer_with_ids(10, 100 * k, capacity=8), path, rank=k, world_size=old_world)
+        paths.append(path)
+    expected = sorted((age, k, 100 * k + 2 + age) for k in range(old_world) for age in range(8))  # by age, rank
+    pooled = [row for _, _, row in expected]
+    got = []
+    for rank in range(new_world):
+        buf = ReplayBuffer(64, 4, 2, 2, pad_id=0)
+        added = redistribute_replay(buf, paths, rank, new_world)
+        rows = _rows_oldest_first(buf)
+        assert added == len(rows) == len(pooled[rank::new_world])
+        assert rows == pooled[rank::new_world]  # round-robin over the pooled order, oldest first
+        assert buf.state_dict()["mc_return"][: len(rows)].tolist() == [2 * r for r in rows]
+        got.extend(rows)
+    assert sorted(got) == sorted(pooled)
+
+
+def test_redistributing_into_a_smaller_buffer_keeps_the_newest_rows(tmp_path):
+    paths = []
+    for k in range(2):
+        path = tmp_path / f"rank_{k}.safetensors"
+        save_replay_shard(_buffer_with_ids(6, 100 * k, capacity=8), path, rank=k, world_size=2)
+        paths.append(path)
+    buf = ReplayBuffer(4, 4, 2, 2, pad_id=0)
+    redistribute_replay(buf, paths, 0, 1)
+    assert _rows_oldest_first(buf) == [4.0, 104.0, 5.0, 105.0]
+
+
+def test_config_differences_lists_dotted_fields():
+    saved = {"model": {"hidden_size": 64, "dtype": "float32"}, "iterations": 10, "seed": 0}
+    current = {"model": {"hidden_size": 128, "dtype": "float32"}, "iterations": 20, "seed": 0}
+    assert config_differences(saved, current) == [("iterations", 10, 20), ("model.hidden_size", 64, 128)]
