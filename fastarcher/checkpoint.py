@@ -322,6 +322,32 @@ def _checkpoint_folder_of(path: Path) -> Path:
 # state pieces
 
 
+def tied_aliases(module) -> dict[str, str]:
+    """Second names of shared parameters (tied embeddings) → the first name; the same on every rank."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def model_state_without_aliases(module) -> dict[str, Any]:
+    """get_model_state_dict minus tied duplicates (a tied 152k-vocabulary embedding is stored once)."""
+    state = get_model_state_dict(module)
+    for alias in tied_aliases(module):
+        state.pop(alias, None)
+    return state
+
+
+def _set_model_state(module, state: dict[str, Any]) -> None:
+    for alias, source in tied_aliases(module).items():
+        state[alias] = state[source]
+    set_model_state_dict(module, state)
+
+
 def _model_state(trainer, optimizers: list[str]) -> dict[str, Any]:
     """DCP state dict: the three models and the named optimizers.
 
@@ -329,9 +355,9 @@ def _model_state(trainer, optimizers: list[str]) -> dict[str, Any]:
     with a zero step (AdamW's step counter would then be one ahead of a run that never saved).
     """
     state: dict[str, Any] = {
-        "policy": get_model_state_dict(trainer.policy),
-        "critic": get_model_state_dict(trainer.critic),
-        "target": get_model_state_dict(trainer.target),
+        "policy": model_state_without_aliases(trainer.policy),
+        "critic": model_state_without_aliases(trainer.critic),
+        "target": model_state_without_aliases(trainer.target),
     }
     modules = {"actor_opt": (trainer.policy, trainer.actor_opt), "critic_opt": (trainer.critic, trainer.critic_opt)}
     for name in optimizers:
@@ -656,7 +682,7 @@ class Checkpointer:
             self._install_sigterm()
             return None
         t0 = time.perf_counter()
-        self._load(trainer, path)
+        self.load(trainer, path)
         self._set_aside_newer(path, trainer.iteration)
         self.resumed_from = path
         self.last_saved_iteration = trainer.iteration
@@ -695,7 +721,8 @@ class Checkpointer:
                 self.log(f"checkpoint: moved {len(newer)} checkpoint(s) newer than {path.name} to {aside}")
         _barrier()
 
-    def _load(self, trainer, path: Path) -> None:
+    def load(self, trainer, path: Path) -> None:
+        """Load checkpoint `path` into `trainer` (no validation, no pointer changes; restore() does those)."""
         state = json.loads((path / TRAINER_STATE).read_text())
         current = json.loads(json.dumps(_config_dict(trainer.cfg)))  # tuples → lists, as in the saved copy
         self._check_config(path, state["config"], current)
@@ -712,9 +739,8 @@ class Checkpointer:
                  for name in ("actor_opt", "critic_opt")}
         model_state = _model_state(trainer, state["optimizers"])
         load_dcp(model_state, path / "model")
-        set_model_state_dict(trainer.policy, model_state["policy"])
-        set_model_state_dict(trainer.critic, model_state["critic"])
-        set_model_state_dict(trainer.target, model_state["target"])
+        for name in ("policy", "critic", "target"):
+            _set_model_state(getattr(trainer, name), model_state[name])
         modules = {"actor_opt": trainer.policy, "critic_opt": trainer.critic}
         for name in state["optimizers"]:
             set_optimizer_state_dict(modules[name], getattr(trainer, name), model_state[name])

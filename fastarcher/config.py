@@ -160,10 +160,12 @@ class EvalConfig:
     """Greedy evaluation episodes over all ranks (fixed seeds, disjoint from training seeds)."""
     random_baseline: bool = True
     """Also evaluate a uniformly random valid-action policy once, for reference."""
+    random_episodes: int = 1024
+    """Episodes over all ranks for the random-policy reference (cheap: no model calls)."""
 
     def validate(self) -> None:
         _non_negative(self, "eval", "every")
-        _positive(self, "eval", "episodes")
+        _positive(self, "eval", "episodes", "random_episodes")
 
 
 @dataclass(kw_only=True)
@@ -251,6 +253,9 @@ class TrainConfig:
                 f"rollout.num_envs ({self.rollout.num_envs}) must be divisible by the number of processes "
                 f"({world_size})"
             )
+        if self.eval.random_episodes % world_size:
+            raise ValueError(f"eval.random_episodes ({self.eval.random_episodes}) must be divisible by the number of "
+                             f"processes ({world_size})")
         if self.eval.episodes % world_size:
             raise ValueError(f"eval.episodes ({self.eval.episodes}) must be divisible by the number of processes ({world_size})")
         if self.archer.batch_size > self.replay.capacity:

@@ -33,8 +33,10 @@ def action_logprobs(
     pad_id: int,
     constraint: ActionConstraint | None = None,
     backend: str = "auto",
+    per_token: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (logprob_sum (B,), token_entropy (B, A), action_mask (B, A)); entropy is 0 on padding."""
+    """Returns (logprob_sum (B,), token_entropy (B, A), action_mask (B, A)); entropy is 0 on padding.
+    With per_token=True the first value is the per-token log π (B, A) instead of its sum (0 on padding)."""
     batch, width_a = action_ids.shape
     state = left_align(state_ids, state_len, pad_id)
     ids = torch.cat([state, action_ids], dim=1)  # (B, S + A)
@@ -55,4 +57,4 @@ def action_logprobs(
     )
     logp = logp.view(batch, width_a)
     entropy = entropy.view(batch, width_a)
-    return logp.sum(-1), entropy, action_mask
+    return (logp if per_token else logp.sum(-1)), entropy, action_mask

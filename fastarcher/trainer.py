@@ -40,6 +40,7 @@ from fastarcher.rollout.base import ActionConstraint, SamplingParams
 from fastarcher.rollout.collect import RolloutResult, oracle_picker, pad_rows, play_episodes, random_picker
 from fastarcher.rollout.hf_engine import HFEngine
 from fastarcher.rollout.weight_sync import sync_weights
+from fastarcher.traces.trainer_hooks import TraceRecorder
 
 EVAL_SEED_OFFSET = 1_000_000_007
 """Evaluation episodes use seeds far from the training stream, the same ones at every evaluation."""
@@ -130,6 +131,9 @@ class Trainer:
         self.guard = StepGuard(cfg.guard, log=self.logger.print)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, rank=info.rank, world_size=info.world_size,
                                          log=self.logger.print)
+        # Influence / entropy traces of the actor step (docs/traces.md); inert, no hooks, when both are off.
+        self.traces = TraceRecorder(cfg.trace, self.policy, self.run_dir, info, tokenizer, pad_id=self.pad_id,
+                                    constraint=self.constraint, log=self.logger.print)
 
     # ----------------------------------------------------------------------------------------------
     # sampling
@@ -200,7 +204,8 @@ class Trainer:
         """ArCHer actor steps; returns the seconds spent syncing the engine after each step."""
         a = self.cfg.archer
         sync_s = 0.0
-        for _ in range(a.actor_epochs):
+        for epoch in range(a.actor_epochs):
+            step = (self.iteration - a.warmup_iterations) * a.actor_epochs + epoch  # actor step index of the traces
             batch = self.buffer.sample(a.batch_size * a.grad_accum, self.buffer_gen)
             fresh_ids, fresh_len, calls = self.fresh_actions(batch)
             bag.add({"count/fresh_generate_calls": float(calls)})
@@ -216,22 +221,29 @@ class Trainer:
                         advantage = advantage - advantage.mean()
                     if a.normalize_advantage:
                         advantage = advantage / (advantage.std(correction=0) + 1e-6)
-                logprob_sum, entropy = self._logprobs(mb.state_ids, mb.state_len, f_ids, f_len)
-                loss, metrics = actor_loss(logprob_sum=logprob_sum, advantage=advantage, entropy=entropy,
-                                           entropy_coeff=a.entropy_coeff)
-                (loss / a.grad_accum).backward()
+                with self.traces.actor_micro_batch(step, mb.state_ids, mb.state_len, f_ids, f_len, advantage=advantage,
+                                                   q_value=torch.minimum(q1, q2)) as trace:  # forward + backward inside
+                    logprob_sum, entropy = self._logprobs(mb.state_ids, mb.state_len, f_ids, f_len, trace=trace)
+                    loss, metrics = actor_loss(logprob_sum=logprob_sum, advantage=advantage, entropy=entropy,
+                                               entropy_coeff=a.entropy_coeff)
+                    (loss / a.grad_accum).backward()
                 self.guard.track("actor", loss / a.grad_accum)
                 bag.add(metrics)
+            bag.add(self.traces.finish_step(step))  # {} unless a trace is due at this step
             bag.add({"actor/grad_norm": self.guard.check_and_step(
                 "actor", self.policy, self.actor_opt, max_norm=self.cfg.optim.actor_grad_clip, iteration=self.iteration)})
             sync_s += self.sync_engine()  # the next epoch samples a′ from the updated policy
         return sync_s
 
-    def _logprobs(self, state_ids, state_len, action_ids, action_len) -> tuple[Tensor, Tensor]:
-        """Σ log π over each utterance (B,) and its mean token entropy (B,)."""
+    def _logprobs(self, state_ids, state_len, action_ids, action_len, trace=None) -> tuple[Tensor, Tensor]:
+        """Σ log π over each utterance (B,) and its entropy Σ_h H_h (B,)."""
         logprob_sum, token_entropy, action_mask = action_logprobs(
             self.policy, state_ids, state_len, action_ids, action_len, pad_id=self.pad_id, constraint=self.constraint)
-        entropy = (token_entropy * action_mask).sum(-1) / action_mask.sum(-1).clamp(min=1)
+        if trace is not None:  # a traced actor micro-batch: the entropy trace wants every token's entropy
+            trace.set_token_entropy(token_entropy)
+        # Utterance entropy: the sum of the per-token conditional entropies along the utterance (a
+        # per-token mean would be diluted by forced tokens such as the stop token of a fixed action set).
+        entropy = (token_entropy * action_mask).sum(-1)
         return logprob_sum, entropy
 
     def on_policy_phase(self, transitions: TransitionBatch, weights: Tensor, bag: MetricBag, kind: str) -> None:
@@ -292,8 +304,10 @@ class Trainer:
 
     def evaluate_random(self) -> dict[str, float]:
         rng = random.Random(self.cfg.seed + 31 * self.info.rank)
-        result = play_episodes(self.eval_runner, self.eval_seeds(), tokenizer=self.tokenizer, stop_id=self.stop_id,
-                               picker=random_picker(rng))
+        n = self.cfg.eval.random_episodes // self.info.world_size
+        seeds = [EVAL_SEED_OFFSET + self.cfg.seed * 100_003 + self.info.rank * n + k for k in range(n)]
+        result = play_episodes(BatchedEnvRunner(self.cfg.env, n), seeds, tokenizer=self.tokenizer,
+                               stop_id=self.stop_id, picker=random_picker(rng))
         stats = result.stats("random")
         return reduce_metrics({k: v for k, v in stats.items() if not k.startswith("count/")}, self.info.world_size)
 
@@ -394,6 +408,7 @@ class Trainer:
             plot_learning_curves(self.logger.history, self.run_dir / "learning_curve.png",
                                  random_success=rb.get("random/success_rate"), random_return=rb.get("random/return_mean"),
                                  title=f"{self.cfg.algo} on {self.cfg.env.name}")
+        self.traces.close()
         self.logger.close()
 
 

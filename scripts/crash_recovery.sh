@@ -24,6 +24,7 @@ rm -rf "$RUN_DIR" "$LOG"
 # The rendezvous store torchrun shares with the workers keeps the first attempt's gloo addresses, so a
 # restarted group would dial dead ports ("Connection refused"); a fresh store per attempt avoids that.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+export COLUMNS=${COLUMNS:-200}  # rich wraps log lines at 80 columns when not on a terminal
 OMP_NUM_THREADS=1 timeout "$TIMEOUT" torchrun --standalone --nproc-per-node="$NPROC" --max-restarts="$MAX_RESTARTS" \
   -m fastarcher.train --config configs/tiny_cpu.yaml --iterations "$ITERATIONS" --rollout.num-envs 8 \
   --eval.episodes 8 --eval.every 3 --eval.no-random-baseline --archer.batch-size 16 --archer.warmup-iterations 2 \

@@ -36,11 +36,12 @@ launch() {  # $1 = node rank
       -m fastarcher.train "${TRAIN_ARGS[@]}" >"$RUN_DIR/node$1.log" 2>&1
 }
 
+export COLUMNS=${COLUMNS:-200}  # rich wraps log lines at 80 columns when not on a terminal
 launch 0 & node0=$!
 launch 1 & node1=$!
 rc0=0; rc1=0
 wait "$node0" || rc0=$?
 wait "$node1" || rc1=$?
 echo "node 0 exit $rc0, node 1 exit $rc1 (logs in $RUN_DIR/node0.log, node1.log)"
-grep -h -E "ranks=|checkpoint:|resumed|summary|final/eval" "$RUN_DIR/node0.log" || true
+grep -h -E "ranks=|checkpoint:|resumed|summary|final/eval" "$RUN_DIR/node0.log" "$RUN_DIR/node1.log" || true  # rank 0 may sit on either
 exit $(( rc0 || rc1 ))

@@ -28,6 +28,7 @@ from fastarcher.checkpoint import (
     restore_rng,
     resume_candidates,
     save_replay_shard,
+    tied_aliases,
 )
 from fastarcher.config import CheckpointConfig
 from fastarcher.replay import ReplayBuffer, TransitionBatch
@@ -240,11 +241,15 @@ def test_tampered_dcp_metadata_is_refused_without_running_code(run_copy, tmp_pat
     assert not marker.exists()
 
 
-def test_model_state_loads_through_the_safe_reader(saved_run):
+def test_model_state_loads_through_the_safe_reader_and_tied_weights_are_stored_once(saved_run):
     policy = saved_run.trainer.policy
-    state = {"policy": {k: torch.zeros_like(v) for k, v in policy.state_dict().items()}}
+    aliases = tied_aliases(policy)
+    assert aliases == {"lm_head.weight": "model.embed_tokens.weight"}
+    state = {"policy": {k: torch.zeros_like(v) for k, v in policy.state_dict().items() if k not in aliases}}
     load_dcp(state, saved_run.folder / "iter_000003" / "model")
-    assert all(torch.equal(state["policy"][k], v) for k, v in policy.state_dict().items())
+    assert all(torch.equal(state["policy"][k], v) for k, v in policy.state_dict().items() if k not in aliases)
+    with pytest.raises(CheckpointError, match="Missing key in checkpoint state_dict: policy.lm_head.weight"):
+        load_dcp({"policy": {"lm_head.weight": torch.zeros(1)}}, saved_run.folder / "iter_000003" / "model")
 
 
 # ------------------------------------------------------------------------------------------------------

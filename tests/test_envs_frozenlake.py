@@ -166,3 +166,20 @@ def test_success_probability_on_hand_checked_states():
 def test_random_policy_rarely_succeeds_on_classic_map():
     result = evaluate_policy(EnvConfig(name="frozenlake"), "random", episodes=1000, seed=0)
     assert result["success_rate"] < 0.05 and result["invalid_rate"] == 0.0
+
+
+def test_custom_map_is_used_and_solvable_by_the_oracle():
+    env = FrozenLake(FrozenLakeConfig(map="SFF/FHF/FFG", max_turns=8))
+    prompt = env.reset(0)
+    assert prompt.endswith("@..\n.#.\n..G\n")
+    done, steps, reward = False, 0, 0.0
+    while not done:
+        _, reward, done, info = env.step(env.oracle_action())
+        steps += 1
+    assert info["success"] and reward == 1.0 and steps == 4
+
+
+@pytest.mark.parametrize("bad", ["SFF", "SFF/FH", "SFX/FFG", "FSF/FFG", "SHF/HFG", "SFF/FFF"])
+def test_custom_map_validation_names_the_field(bad):
+    with pytest.raises(ValueError, match="env.frozenlake.map"):
+        FrozenLakeConfig(map=bad)

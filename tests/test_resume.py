@@ -142,3 +142,15 @@ def test_sigterm_saves_at_the_end_of_the_iteration_and_stops(tmp_path, monkeypat
     assert signal.getsignal(signal.SIGTERM) == previous  # handler removed again
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_000002"
     assert [r["iteration"] for r in metrics_rows(run_dir)] == [0, 1, 2]
+
+
+def test_explicit_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    run_dir = tmp_path / "run"
+    run(run_dir, "--iterations", "2", "--checkpoint.save-every", "1")
+    folder = run_dir / "checkpoints"
+    trainer = run(run_dir, "--iterations", "2", "--checkpoint.resume", str(folder / "iter_000001"))
+    assert trainer.checkpointer.resumed_from == folder / "iter_000001"
+    aside = [p for p in folder.iterdir() if p.name.startswith("set-aside-")]
+    assert len(aside) == 1 and [p.name for p in aside[0].iterdir()] == ["iter_000002"]  # kept, not deleted
+    assert (folder / "latest").read_text().strip() == "iter_000002"  # the new iteration 2
+    assert [r["iteration"] for r in metrics_rows(run_dir)] == [0, 1, 2]

@@ -54,6 +54,9 @@ class FrozenLakeConfig:
     """Moves per episode (invalid ones included); the classic map needs 6."""
     slippery: bool = False
     """Slip like gymnasium: intended move with probability 1/3, each perpendicular move 1/3."""
+    map: str | None = None
+    """A fixed map in gymnasium letters, rows separated by "/" (e.g. "SFF/FHF/FFG"; S top-left, one G);
+    None: the classic 4x4 map (or random maps with random_map_size)."""
     random_map_size: int | None = None
     """None: the classic 4x4 map every episode; N: a fresh random N×N map per seed with a path to G."""
     hole_prob: float = 0.2
@@ -70,6 +73,19 @@ class FrozenLakeConfig:
         size = self.random_map_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 2 <= size <= 32):
             raise ValueError(f"env.frozenlake.random_map_size ({size!r}) must be None or an integer in [2, 32]")
+        if self.map is not None:
+            if size is not None:
+                raise ValueError("env.frozenlake.map and env.frozenlake.random_map_size are exclusive: set one")
+            rows = self.map.split("/")
+            if len(rows) < 2 or len({len(r) for r in rows}) != 1 or len(rows[0]) < 2:
+                raise ValueError(f"env.frozenlake.map ({self.map!r}) must be at least 2 rows of equal length "
+                                 "(at least 2), separated by '/'")
+            letters = "".join(rows)
+            if set(letters) - set("SFHG") or letters.count("S") != 1 or letters.count("G") != 1 or rows[0][0] != "S":
+                raise ValueError(f"env.frozenlake.map ({self.map!r}) must use only S, F, H, G, with one S at the "
+                                 "top-left and one G")
+            if not _has_path(rows):
+                raise ValueError(f"env.frozenlake.map ({self.map!r}) has no path from S to G")
         if not 0.0 <= self.hole_prob <= 0.8:
             raise ValueError(f"env.frozenlake.hole_prob ({self.hole_prob!r}) must be in [0, 0.8]")
 
@@ -218,7 +234,9 @@ class FrozenLake(TurnBasedEnv):
         return table
 
     def _reset(self, rng: random.Random) -> str:
-        if self.cfg.random_map_size is None:
+        if self.cfg.map is not None:
+            self.grid = tuple(self.cfg.map.split("/"))
+        elif self.cfg.random_map_size is None:
             self.grid = CLASSIC_4X4
         else:
             self.grid = random_map(self.cfg.random_map_size, self.cfg.hole_prob, rng)

@@ -88,7 +88,8 @@ class EntropyTracer:
 
     def _local_payload(self, token_entropy, response_mask, token_ids, texts, decode, group_ids, rewards,
                        advantages) -> dict:
-        mask = response_mask.detach().to("cpu").bool()  # (B, T); a CPU sync on traced steps only
+        mask = response_mask.detach().to("cpu").bool().clone()  # (B, T); a CPU sync on traced steps only
+        mask[:, 0] = False  # token 0 has no predicting position (same rule as the influence trace)
         entropy = token_entropy.detach().to("cpu", torch.float64)  # (B, T)
         ids = token_ids.detach().to("cpu")
         batch = mask.shape[0]

@@ -212,7 +212,7 @@ def _value(v) -> str:
 
 
 def _response_meta(key, ent: dict | None, ent_i, inf: dict | None, inf_i) -> str:
-    src, i = (inf, inf_i) if inf is not None else (ent, ent_i)
+    src, i = (inf, inf_i) if inf_i is not None else (ent, ent_i)  # a response may be in one trace only
     rank, row = key
     parts = [f"rank {rank}", f"row {row}", f"group {int(src['group_ids'][i])}"]
     for name, arr in (("reward", "rewards"), ("advantage", "advantages")):
@@ -221,7 +221,7 @@ def _response_meta(key, ent: dict | None, ent_i, inf: dict | None, inf_i) -> str
             parts.append(f"{name} {value:+.3g}")
     parts.append(f"{int(src['n_response_tokens'][i])} response tokens")
     badge = ""
-    if inf is not None:
+    if inf_i is not None:
         flag = int(inf["accepted"][inf_i])
         badge = {1: '<span class="badge acc">accepted</span>', -1: '<span class="badge rej">rejected</span>'}.get(
             flag, '<span class="badge neu">no side</span>')
