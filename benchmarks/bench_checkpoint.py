@@ -182,7 +182,8 @@ def test_save_checkpointer(benchmark, case, ratio_table):
 def test_verify_crc32(benchmark, case, ratio_table):
     if case.saved is None:
         pytest.skip("needs test_save_checkpointer first")
-    problems = benchmark.pedantic(lambda: check_checkpoint(case.saved, verify="crc32"), rounds=ROUNDS[case.shape], iterations=1)
+    problems = benchmark.pedantic(lambda: check_checkpoint(case.saved, verify="crc32"), rounds=ROUNDS[case.shape],
+                                  iterations=1)
     assert problems == []
     _record(ratio_table, case, "load", "crc32_verify", benchmark.stats.stats.median, "resume runs this before load")
 

@@ -111,8 +111,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in self.allowed:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-            return getattr(torch, name)
+        value = getattr(torch, name, None) if module == "torch" else None
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            return value
         raise CheckpointError(f"DCP metadata asks for {module}.{name}, which no checkpoint needs; refusing to load it "
                               f"(the file may have been tampered with)")
 
@@ -450,11 +451,15 @@ def _config_dict(cfg) -> dict:
     return asdict(cfg) if is_dataclass(cfg) else dict(cfg)
 
 
+ABSENT = "<absent>"
+"""Stands for a field one of the two configs does not have (written by another fastarcher version)."""
+
+
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted field, saved value, current value) for every leaf that differs."""
+    """(dotted field, saved value, current value) for every leaf that differs (ABSENT if missing)."""
     out = []
     for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
+        a, b = saved.get(key, ABSENT), current.get(key, ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(config_differences(a, b, f"{prefix}{key}."))
         elif a != b:
@@ -601,10 +606,12 @@ class Checkpointer:
             manifest = {"format": FORMAT_VERSION, "iteration": it, "world_size": self.world_size,
                         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": described}
             _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            if final.exists():  # an older save of the same iteration (a rerun of a resumed stretch)
-                shutil.rmtree(final)
+            old = self.folder / f"{TMP_PREFIX}replaced-{final.name}"
+            if final.exists():  # an older save of the same iteration: moved out first, deleted once replaced
+                os.replace(final, old)
             os.replace(tmp, final)
             _fsync_dir(self.folder)
+            shutil.rmtree(old, ignore_errors=True)
             _write_atomic(self.folder / LATEST, final.name + "\n")
             self._prune()
         _barrier()
@@ -787,7 +794,7 @@ class Checkpointer:
 
     def _check_config(self, path: Path, saved: dict, current: dict) -> None:
         diffs = config_differences(saved, current)
-        fatal = [d for d in diffs if d[0].split(".")[0] in MUST_MATCH]
+        fatal = [d for d in diffs if _must_match(d, saved)]
         if fatal:
             listing = ", ".join(f"{k}={a!r} in the checkpoint but {b!r} now" for k, a, b in fatal[:6])
             raise CheckpointError(f"cannot resume from {path}: {listing}. These fields shape the saved model or "
@@ -817,6 +824,17 @@ class Checkpointer:
         self._stop_requested = True
         print(f"[rank {self.rank}] SIGTERM: saving a checkpoint at the end of this iteration, then stopping",
               flush=True)
+
+
+def _must_match(diff: tuple[str, Any, Any], saved: dict) -> bool:
+    """A difference that makes the checkpoint unusable: a MUST_MATCH section, except fields only one
+    side has (another version's defaults) and the settings of environments the run does not use."""
+    key, old, new = diff
+    parts = key.split(".")
+    if parts[0] not in MUST_MATCH or ABSENT in (old, new):
+        return False
+    env = saved.get("env", {}).get("name")
+    return not (parts[0] == "env" and len(parts) > 2 and parts[1] != env)
 
 
 def _rewrite_metrics(path: Path, rows: list[dict]) -> None:

@@ -61,7 +61,9 @@ def export_policy(policy: nn.Module, tokenizer, out_dir: str | Path) -> Path:
         with torch.device("meta"):
             clean = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
         missing, unexpected = clean.load_state_dict(state, strict=False, assign=True)
-        tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+        tied = set()
+        if getattr(config, "tie_word_embeddings", False):  # lm_head follows the embedding after tie_weights()
+            tied = {k for k in missing if k.endswith("lm_head.weight")}
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"policy state does not fit {type(clean).__name__}: missing "
                                f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
@@ -81,8 +83,8 @@ def export_policy(policy: nn.Module, tokenizer, out_dir: str | Path) -> Path:
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Export the policy stored in a fastarcher checkpoint (single process; reads only the policy)."""
-    from fastarcher.checkpoint import (CheckpointError, check_checkpoint, latest_checkpoint, load_dcp, read_trainer_state,
-                                       tied_aliases)
+    from fastarcher.checkpoint import (CheckpointError, check_checkpoint, latest_checkpoint, load_dcp,
+                                       read_trainer_state, tied_aliases)
     from fastarcher.model import ModelConfig, load_policy
 
     path = Path(checkpoint)

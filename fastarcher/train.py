@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as error:
         raise SystemExit(f"config error: {error}") from None
 
+    from fastarcher.checkpoint import CheckpointError
     from fastarcher.dist import init_distributed, shutdown_distributed
+    from fastarcher.guards import NonFiniteLossError
     from fastarcher.trainer import Trainer
 
     info = init_distributed(cfg.device)
@@ -57,7 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.run_dir.mkdir(parents=True, exist_ok=True)
             (trainer.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         started = time.perf_counter()
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit()
+        except (CheckpointError, NonFiniteLossError) as error:  # raised on every rank alike
+            kind = "checkpoint" if isinstance(error, CheckpointError) else "numerical"
+            raise SystemExit(f"{kind} error: {error}") from None
         trainer.save_final()
         trainer.finish(summary)
         summary["wall_seconds"] = time.perf_counter() - started

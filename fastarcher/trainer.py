@@ -197,7 +197,8 @@ class Trainer:
                 self.guard.track("critic", loss / a.grad_accum)
                 bag.add(metrics)
             bag.add({"critic/grad_norm": self.guard.check_and_step(
-                "critic", self.critic, self.critic_opt, max_norm=self.cfg.optim.critic_grad_clip, iteration=self.iteration)})
+                "critic", self.critic, self.critic_opt, max_norm=self.cfg.optim.critic_grad_clip,
+                iteration=self.iteration)})
             soft_update(self.target, self.critic, a.tau)
 
     def actor_phase(self, bag: MetricBag) -> float:
@@ -231,7 +232,8 @@ class Trainer:
                 bag.add(metrics)
             bag.add(self.traces.finish_step(step))  # {} unless a trace is due at this step
             bag.add({"actor/grad_norm": self.guard.check_and_step(
-                "actor", self.policy, self.actor_opt, max_norm=self.cfg.optim.actor_grad_clip, iteration=self.iteration)})
+                "actor", self.policy, self.actor_opt, max_norm=self.cfg.optim.actor_grad_clip,
+                iteration=self.iteration)})
             sync_s += self.sync_engine()  # the next epoch samples a′ from the updated policy
         return sync_s
 

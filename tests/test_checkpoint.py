@@ -263,7 +263,8 @@ def test_rng_capture_and_restore_reproduce_every_stream():
 
     def draw():
         return (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random(), trainer.py_rng.random(),
-                *(torch.rand(2, generator=getattr(trainer, g)).tolist() for g in ("sample_gen", "buffer_gen", "cpu_gen")))
+                *(torch.rand(2, generator=getattr(trainer, g)).tolist()
+                  for g in ("sample_gen", "buffer_gen", "cpu_gen")))
 
     tensors, meta = capture_rng(trainer)
     tensors, meta = {k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(meta))  # as on disk
@@ -329,3 +330,17 @@ def test_config_differences_lists_dotted_fields():
     saved = {"model": {"hidden_size": 64, "dtype": "float32"}, "iterations": 10, "seed": 0}
     current = {"model": {"hidden_size": 128, "dtype": "float32"}, "iterations": 20, "seed": 0}
     assert config_differences(saved, current) == [("iterations", 10, 20), ("model.hidden_size", 64, 128)]
+
+
+def test_config_check_refuses_shape_changes_but_not_unused_envs_or_new_fields(tmp_path):
+    ck = _checkpointer(tmp_path)
+    saved = {"env": {"name": "guess_number", "guess_number": {"high": 16}, "frozenlake": {"size": 4}},
+             "model": {"hidden_size": 64}, "optim": {"actor_lr": 1e-5}}
+    current = {"env": {"name": "guess_number", "guess_number": {"high": 16}, "frozenlake": {"size": 8}},
+               "model": {"hidden_size": 64, "new_field": 1}, "optim": {"actor_lr": 2e-5}}
+    ck._check_config(tmp_path, saved, current)  # another env's setting, a field the old version lacked: fine
+    assert "env.frozenlake.size 4 → 8" in ck.messages[-1] and "optim.actor_lr 1e-05 → 2e-05" in ck.messages[-1]
+    assert "model.new_field '<absent>' → 1" in ck.messages[-1]
+    current["env"]["guess_number"]["high"] = 32
+    with pytest.raises(CheckpointError, match=r"env.guess_number.high=16 in the checkpoint but 32 now"):
+        ck._check_config(tmp_path, saved, current)

@@ -183,3 +183,10 @@ def test_custom_map_is_used_and_solvable_by_the_oracle():
 def test_custom_map_validation_names_the_field(bad):
     with pytest.raises(ValueError, match="env.frozenlake.map"):
         FrozenLakeConfig(map=bad)
+
+
+def test_show_position_states_the_agent_cell_after_the_grid():
+    env = FrozenLake(FrozenLakeConfig(map="SFF/FHF/FFG", show_position=True))
+    assert env.reset(0).endswith("@..\n.#.\n..G\nrow 0 col 0\n")
+    obs, _, _, _ = env.step("right")
+    assert obs == "S@.\n.#.\n..G\nrow 0 col 1\n"

@@ -249,7 +249,8 @@ BAD_CONFIGS = [
     (["--checkpoint.save-every", "-1"], "checkpoint.save_every (-1) must not be negative"),
     (["--checkpoint.resume", "/no/such/checkpoint"], "checkpoint.resume ('/no/such/checkpoint') must be 'auto'"),
     (["--guard.max-consecutive-skips", "-2"], "guard.max_consecutive_skips (-2) must not be negative"),
-    (["--archer.batch-size", "64", "--replay.capacity", "10"], "archer.batch_size (64) must not exceed replay.capacity"),
+    (["--archer.batch-size", "64", "--replay.capacity", "10"],
+     "archer.batch_size (64) must not exceed replay.capacity"),
     (["--iterations", "0"], "iterations (0) must be positive"),
 ]
 

@@ -42,7 +42,7 @@ _SYMBOL = {"S": "S", "F": ".", "H": "#", "G": "G"}
 AGENT = "@"
 PROMPT = "Reach G, avoid # holes. You are @.\n"
 
-VOCAB_WORDS: tuple[str, ...] = unique_words([PROMPT, *_SYMBOL.values(), AGENT, *ACTIONS, "invalid\n"])
+VOCAB_WORDS: tuple[str, ...] = unique_words([PROMPT, *_SYMBOL.values(), AGENT, *ACTIONS, "invalid\n", "row col"])
 """Words and symbols of frozenlake texts."""
 
 
@@ -57,6 +57,9 @@ class FrozenLakeConfig:
     map: str | None = None
     """A fixed map in gymnasium letters, rows separated by "/" (e.g. "SFF/FHF/FFG"; S top-left, one G);
     None: the classic 4x4 map (or random maps with random_map_size)."""
+    show_position: bool = False
+    """Also state the agent's cell after the grid ("row R col C", 0-based), so that a small model can
+    read it from the last tokens instead of locating "@" in the grid."""
     random_map_size: int | None = None
     """None: the classic 4x4 map every episode; N: a fresh random N×N map per seed with a path to G."""
     hole_prob: float = 0.2
@@ -176,6 +179,8 @@ class FrozenLake(TurnBasedEnv):
             if r == self.pos[0]:
                 cells[self.pos[1]] = AGENT
             lines.append("".join(cells) + "\n")
+        if self.cfg.show_position:
+            lines.append(f"row {self.pos[0]} col {self.pos[1]}\n")
         return "".join(lines)
 
     def oracle_action(self) -> str:
