@@ -86,7 +86,7 @@ def test_help_with_a_preset_shows_the_preset_values_as_defaults(monkeypatch, cap
     assert info.value.code == 0
     entries = help_entries(capsys.readouterr().out)
     assert entries["--replay.capacity"].endswith("(default: 20000)")
-    assert entries["--iterations"].endswith("(default: 40)")
+    assert entries["--iterations"].endswith("(default: 120)")
 
 
 # ---------------------------------------------------------------- presets and overrides
@@ -100,9 +100,10 @@ def test_preset_path_reads_both_spellings():
 
 def test_preset_values_replace_defaults_and_keep_the_rest():
     cfg = parse_config(["--config", TINY])
-    assert (cfg.iterations, cfg.rollout.num_envs, cfg.replay.capacity) == (40, 64, 20000)
-    assert cfg.archer.warmup_iterations == 5
-    assert cfg.archer.batch_size == 64 and cfg.replay.max_state_len == 64
+    assert (cfg.iterations, cfg.rollout.num_envs, cfg.replay.capacity) == (120, 128, 20000)
+    assert cfg.archer.warmup_iterations == 3
+    assert cfg.archer.batch_size == 32 and cfg.replay.max_state_len == 256
+    assert cfg.env.name == "frozenlake" and cfg.env.frozenlake.map == "SFF/FHF/FFG"
     assert cfg.archer.gamma == TrainConfig().archer.gamma  # not in the preset: built-in default
     assert cfg.config == TINY
 
@@ -115,7 +116,7 @@ def test_preset_values_replace_defaults_and_keep_the_rest():
 def test_cli_flags_override_the_preset_in_any_order(argv):
     cfg = parse_config(argv)
     assert (cfg.rollout.num_envs, cfg.archer.batch_size, cfg.algo) == (8, 16, "reinforce")
-    assert cfg.replay.capacity == 20000 and cfg.iterations == 40  # untouched preset values
+    assert cfg.replay.capacity == 20000 and cfg.iterations == 120  # untouched preset values
 
 
 def test_nested_yaml_merges_only_the_given_fields(tmp_path):

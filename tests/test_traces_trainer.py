@@ -249,7 +249,8 @@ def test_every_n_steps_and_missing_entropy_raise(tmp_path):
 CLI_FLAGS = [
     "-m", "fastarcher.train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--device", "cpu",
     "--iterations", "3", "--archer.warmup-iterations", "1", "--rollout.num-envs", "8", "--eval.episodes", "8",
-    "--log.no-progress", "--archer.advantage-baseline", "batch_mean",
+    "--log.no-progress", "--archer.advantage-baseline", "batch_mean", "--env.name", "guess_number",
+    "--replay.max-obs-len", "8", "--eval.random-episodes", "64",
 ]
 TRACE_FLAGS = ["--trace.influence.enabled", "--trace.influence.every-n-steps", "2",
                "--trace.entropy.enabled", "--trace.entropy.every-n-steps", "3"]
