@@ -51,7 +51,9 @@ def _mask(lengths: Tensor, width: int) -> Tensor:
 
 
 class MetricBag:
-    """Collects 0-d tensors during an iteration; converted to floats once, at the logging point."""
+    """Collects 0-d tensors during an iteration; converted to floats once, at the logging point.
+
+    `count/*` keys are summed over the iteration, all others averaged."""
 
     def __init__(self):
         self._values: dict[str, list[Tensor | float]] = {}
@@ -64,7 +66,8 @@ class MetricBag:
         out = {}
         for key, values in self._values.items():
             stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in values])
-            out[key] = float(stacked.mean())  # sync point (logging)
+            # counts add up over the iteration; everything else is a mean over its steps (sync point)
+            out[key] = float(stacked.sum() if key.startswith("count/") else stacked.mean())
         return out
 
 

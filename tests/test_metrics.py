@@ -39,3 +39,12 @@ def test_two_ranks_sum_max_and_mean_by_hand():
             "mem/peak_gib": 2.0,            # max(1, 2)
             "rollout/success_rate": 1.0,    # (0 + 2) / 2
         }
+
+
+def test_metric_bag_sums_counts_and_averages_the_rest():
+    from fastarcher.trainer import MetricBag
+
+    bag = MetricBag()
+    bag.add({"count/fresh_generate_calls": 1.0, "critic/q_loss": torch.tensor(2.0)})
+    bag.add({"count/fresh_generate_calls": 1.0, "critic/q_loss": torch.tensor(4.0)})
+    assert bag.means() == {"count/fresh_generate_calls": 2.0, "critic/q_loss": 3.0}
