@@ -298,6 +298,25 @@ def _non_negative(cfg: Any, prefix: str, *names: str) -> None:
             raise ValueError(f"{prefix}.{name} ({value}) must not be negative")
 
 
+def _check_scalar_type(name: str, default: Any, value: Any) -> None:
+    """A YAML value must have the type of the field's default (an int is fine where a float is)."""
+    if default is None or value is None:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+            ok = False
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        return
+    if not ok:
+        raise ValueError(f"config key '{name}' must be a {type(default).__name__} like its default "
+                         f"({default!r}), got {value!r}")
+
+
 def _merge(instance: Any, values: dict, path: str) -> Any:
     """A copy of dataclass `instance` with `values` (nested dicts) applied; unknown keys are errors."""
     known = {f.name: f for f in dataclasses.fields(instance)}
@@ -309,6 +328,7 @@ def _merge(instance: Any, values: dict, path: str) -> Any:
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             updates[key] = _merge(current, value, f"{path}{key}.")
         else:
+            _check_scalar_type(f"{path}{key}", current, value)
             updates[key] = value
     return dataclasses.replace(instance, **updates)
 

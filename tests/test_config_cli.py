@@ -190,6 +190,9 @@ def test_unknown_env_name_on_the_command_line_lists_the_choices(tmp_path, no_tra
     ("archer:\n  batch_sise: 3\n", "unknown config key 'archer.batch_sise'"),
     ("replay:\n  capacity: -1\n", "replay.capacity (-1) must be positive"),
     ("- just\n- a list\n", "must hold a mapping of fields"),
+    ("replay:\n  capacity: big\n", "config key 'replay.capacity' must be a int like its default (100000), got 'big'"),
+    ("log:\n  wandb: 1\n", "config key 'log.wandb' must be a bool"),
+    ("archer:\n  batch_size: 2.5\n", "config key 'archer.batch_size' must be a int"),
 ])
 def test_bad_preset_files_fail_naming_the_field(tmp_path, no_trainer, yaml_text, message):
     preset = tmp_path / "bad.yaml"
