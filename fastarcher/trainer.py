@@ -37,7 +37,9 @@ from fastarcher.parallel import data_parallel_mesh, parallelize
 from fastarcher.policy import action_logprobs
 from fastarcher.replay import ReplayBuffer, TransitionBatch
 from fastarcher.rollout.base import ActionConstraint, SamplingParams
-from fastarcher.rollout.collect import RolloutResult, oracle_picker, pad_rows, play_episodes, random_picker
+from fastarcher.rollout.collect import (
+    RolloutResult, close_utterance, oracle_picker, pad_rows, play_episodes, random_picker,
+)
 from fastarcher.rollout.hf_engine import HFEngine
 from fastarcher.rollout.weight_sync import sync_weights
 from fastarcher.traces.trainer_hooks import TraceRecorder
@@ -163,7 +165,7 @@ class Trainer:
         ids, lens = states.state_ids.tolist(), states.state_len.tolist()
         prompts = [row[:n] for row, n in zip(ids, lens)]
         out = self.engine.generate(prompts, self.sampling_params(), self.sample_gen)
-        actions = [a if a and a[-1] == self.stop_id else a + [self.stop_id] for a in out.token_ids]
+        actions = [close_utterance(a, self.stop_id) for a in out.token_ids]
         action_ids, action_len = pad_rows(actions, self.pad_id)
         calls = math.ceil(len(prompts) / self.engine.max_batch)
         return action_ids.to(self.device), action_len.to(self.device), calls
@@ -183,7 +185,7 @@ class Trainer:
         for step in range(a.critic_epochs):
             for k in range(a.grad_accum):
                 rows = slice((step * a.grad_accum + k) * a.batch_size, (step * a.grad_accum + k + 1) * a.batch_size)
-                mb = _slice_batch(batch, rows).trimmed()
+                mb = _select_rows(batch, rows).trimmed()
                 f_ids, f_len = _trim(fresh_ids[rows], fresh_len[rows])
                 s_mask = _mask(mb.state_len, mb.state_ids.shape[1])
                 a_mask = _mask(mb.action_len, mb.action_ids.shape[1])
@@ -215,7 +217,7 @@ class Trainer:
             bag.add({"count/fresh_generate_calls": float(calls)})
             for k in range(a.grad_accum):
                 rows = slice(k * a.batch_size, (k + 1) * a.batch_size)
-                mb = _slice_batch(batch, rows).trimmed()
+                mb = _select_rows(batch, rows).trimmed()
                 f_ids, f_len = _trim(fresh_ids[rows], fresh_len[rows])
                 with torch.no_grad():
                     s_mask = _mask(mb.state_len, mb.state_ids.shape[1])
@@ -265,7 +267,7 @@ class Trainer:
                 self._policy_step(transitions, rows, weights, bag, kind, self.actor_opt, self.cfg.optim.actor_grad_clip)
 
     def _policy_step(self, transitions, rows, weights, bag, kind, optimizer, clip) -> None:
-        mb = _index_batch(transitions, rows.to(transitions.state_ids.device)).to(self.device).trimmed()
+        mb = _select_rows(transitions, rows.to(transitions.state_ids.device)).to(self.device).trimmed()
         w = weights[rows].to(self.device)
         logprob_sum, entropy = self._logprobs(mb.state_ids, mb.state_len, mb.action_ids, mb.action_len)
         if kind == "reinforce":
@@ -421,11 +423,7 @@ def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _slice_batch(batch: TransitionBatch, rows: slice) -> TransitionBatch:
-    return TransitionBatch(**{f: getattr(batch, f)[rows] for f in TransitionBatch.tensor_fields()}, pad_id=batch.pad_id)
-
-
-def _index_batch(batch: TransitionBatch, rows: Tensor) -> TransitionBatch:
+def _select_rows(batch: TransitionBatch, rows: slice | Tensor) -> TransitionBatch:
     return TransitionBatch(**{f: getattr(batch, f)[rows] for f in TransitionBatch.tensor_fields()}, pad_id=batch.pad_id)
 
 

@@ -79,6 +79,12 @@ class RolloutResult:
         return transitions_from_turns(rows, pad_id)
 
 
+def close_utterance(tokens: list[int], stop_id: int) -> list[int]:
+    """An utterance cut by max_new_tokens still ends the turn: close it with the stop token so the
+    dialogue stays well formed."""
+    return tokens if tokens and tokens[-1] == stop_id else tokens + [stop_id]
+
+
 def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad lists of ids → (B, T) int64 and lengths (B,)."""
     width = max((len(r) for r in rows), default=0)
@@ -134,9 +140,7 @@ def play_episodes(
             actions = out.token_ids
             result.engine_calls += out.num_calls
             result.generated_tokens += sum(len(a) for a in actions)
-            # An utterance cut by max_new_tokens still ends the turn: close it with the stop token so
-            # the dialogue stays well formed.
-            actions = [a if a and a[-1] == stop_id else a + [stop_id] for a in actions]
+            actions = [close_utterance(a, stop_id) for a in actions]
             texts = [tokenizer.decode(a[:-1]) for a in actions]
         else:
             texts = picker(runner, live)
