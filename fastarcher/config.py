@@ -41,9 +41,14 @@ class RolloutConfig:
     """Largest batch one engine forward handles (larger requests are split)."""
     sync_bucket_mb: int = 64
     """Bucket size when pushing FSDP shards into the engine after an actor update."""
+    context_tokens: int = 0
+    """The policy and the critic see only the last this many tokens of the dialogue (0: all of it).
+    For envs whose observation holds the whole state (FrozenLake, Sokoban) a window of one turn keeps
+    states short; at most replay.max_state_len."""
 
     def validate(self) -> None:
         _positive(self, "rollout", "num_envs", "max_new_tokens", "max_batch", "sync_bucket_mb")
+        _non_negative(self, "rollout", "context_tokens")
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature ({self.temperature}) must be > 0 (use eval greedy for argmax)")
         if not 0 < self.top_p <= 1:
@@ -261,6 +266,11 @@ class TrainConfig:
         if self.archer.batch_size > self.replay.capacity:
             raise ValueError(
                 f"archer.batch_size ({self.archer.batch_size}) must not exceed replay.capacity ({self.replay.capacity})"
+            )
+        if self.rollout.context_tokens > self.replay.max_state_len:
+            raise ValueError(
+                f"rollout.context_tokens ({self.rollout.context_tokens}) must not exceed replay.max_state_len "
+                f"({self.replay.max_state_len}): raise replay.max_state_len or shorten the window"
             )
         if self.replay.max_action_len < self.rollout.max_new_tokens:
             raise ValueError(

@@ -165,7 +165,8 @@ class DoubleCritic(nn.Module):
         q2 = self.q2(state_action).squeeze(-1).float()
         v1 = self.v1(state_emb).squeeze(-1).float()
         v2 = self.v2(state_emb).squeeze(-1).float()
-        return q1, q2, v1, v2
+        # fresh tensors, not views: FSDP2 warns that in-place ops on a view output would skip its hooks
+        return q1.clone(), q2.clone(), v1.clone(), v2.clone()
 
 
 def make_target(critic: DoubleCritic) -> DoubleCritic:

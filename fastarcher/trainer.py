@@ -123,6 +123,8 @@ class Trainer:
                 raise ValueError(f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) must be at least "
                                  f"{self.constraint.max_len}, the longest allowed action of env "
                                  f"{cfg.env.name!r} in tokens (stop token included)")
+        # s′ is rebuilt as the last `state_window` tokens of s ⊕ a ⊕ o, the same window the rollout keeps
+        self.state_window = cfg.rollout.context_tokens or cfg.replay.max_state_len
         self.buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_state_len, cfg.replay.max_action_len,
                                    cfg.replay.max_obs_len, pad_id=self.pad_id, device=self.device)
         self.iteration = 0
@@ -158,7 +160,8 @@ class Trainer:
 
     def play(self, runner: BatchedEnvRunner, seeds: list[int], greedy: bool) -> RolloutResult:
         return play_episodes(runner, seeds, tokenizer=self.tokenizer, stop_id=self.stop_id, engine=self.engine,
-                             params=self.sampling_params(greedy), generator=self.sample_gen)
+                             params=self.sampling_params(greedy), generator=self.sample_gen,
+                             context_tokens=self.cfg.rollout.context_tokens)
 
     def fresh_actions(self, states: TransitionBatch) -> tuple[Tensor, Tensor, int]:
         """a′ ~ π(·|s) for every state of the batch, in as few engine calls as max_batch allows."""
@@ -192,7 +195,7 @@ class Trainer:
                 q1, q2, v1, v2 = self.critic(mb.state_ids, s_mask, mb.action_ids, a_mask)
                 with torch.no_grad():
                     tq1, tq2, _, _ = self.target(mb.state_ids, s_mask, f_ids, _mask(f_len, f_ids.shape[1]))
-                    next_ids, next_len = mb.next_state(self.cfg.replay.max_state_len)
+                    next_ids, next_len = mb.next_state(self.state_window)
                     _, _, tv1, tv2 = self.target(next_ids, _mask(next_len, next_ids.shape[1]), mb.action_ids, a_mask)
                     y_q1, y_q2, y_v1, y_v2 = critic_targets(
                         reward=mb.reward, done=mb.done, target_v1_next=tv1, target_v2_next=tv2,
@@ -289,7 +292,8 @@ class Trainer:
         picker = oracle_picker if ws.demos == "oracle" else random_picker(self.py_rng)
         runner = BatchedEnvRunner(self.cfg.env, ws.episodes)
         seeds = [-(1 + self.info.rank * ws.episodes + k) for k in range(ws.episodes)]
-        demos = play_episodes(runner, seeds, tokenizer=self.tokenizer, stop_id=self.stop_id, picker=picker)
+        demos = play_episodes(runner, seeds, tokenizer=self.tokenizer, stop_id=self.stop_id, picker=picker,
+                              context_tokens=self.cfg.rollout.context_tokens)
         transitions = demos.transitions(self.cfg.archer.gamma, self.pad_id)
         optimizer = torch.optim.AdamW(self.policy.parameters(), lr=ws.lr)
         keep = torch.ones(len(transitions))

@@ -185,3 +185,31 @@ def test_play_needs_exactly_one_of_engine_or_picker(tok):
     runner = BatchedEnvRunner(GUESS, 1)
     with pytest.raises(ValueError, match="exactly one"):
         play_episodes(runner, [0], tokenizer=tok, stop_id=stop_token_id(tok))
+
+
+def test_context_window_keeps_the_last_tokens_and_next_state_stays_exact(tok):
+    window = 7
+    full = play(tok, random_picker(random.Random(5)))
+    runner = BatchedEnvRunner(GUESS, len(SEEDS))
+    windowed = play_episodes(runner, SEEDS, tokenizer=tok, stop_id=stop_token_id(tok),
+                             picker=random_picker(random.Random(5)), context_tokens=window)
+    batch = windowed.transitions(gamma=0.9, pad_id=tok.pad_token_id)
+    states = rows(batch.state_ids, batch.state_len)
+    next_states = rows(*batch.next_state(max_len=window))
+    r = 0
+    assert any(len(t.state) > window for e in full.kept() for t in e.turns)  # the window does cut
+    for e_full, e_win in zip(full.kept(), windowed.kept()):
+        assert len(e_full.turns) == len(e_win.turns)
+        for t, (step_full, step_win) in enumerate(zip(e_full.turns, e_win.turns)):
+            assert step_win.state == step_full.state[-window:]  # the tail of the whole dialogue
+            assert len(states[r]) <= window
+            if t + 1 < len(e_win.turns):
+                assert next_states[r] == states[r + 1]  # s′ rebuilt from the window is the next state
+            r += 1
+    assert r == len(batch)
+
+
+def test_context_window_must_not_be_negative(tok):
+    runner = BatchedEnvRunner(GUESS, 1)
+    with pytest.raises(ValueError, match="context_tokens"):
+        play_episodes(runner, [0], tokenizer=tok, stop_id=stop_token_id(tok), picker=oracle_picker, context_tokens=-1)

@@ -86,7 +86,7 @@ def test_help_with_a_preset_shows_the_preset_values_as_defaults(monkeypatch, cap
     assert info.value.code == 0
     entries = help_entries(capsys.readouterr().out)
     assert entries["--replay.capacity"].endswith("(default: 20000)")
-    assert entries["--iterations"].endswith("(default: 120)")
+    assert entries["--iterations"].endswith("(default: 250)")
 
 
 # ---------------------------------------------------------------- presets and overrides
@@ -100,9 +100,9 @@ def test_preset_path_reads_both_spellings():
 
 def test_preset_values_replace_defaults_and_keep_the_rest():
     cfg = parse_config(["--config", TINY])
-    assert (cfg.iterations, cfg.rollout.num_envs, cfg.replay.capacity) == (120, 128, 20000)
-    assert cfg.archer.warmup_iterations == 3
-    assert cfg.archer.batch_size == 32 and cfg.replay.max_state_len == 256
+    assert (cfg.iterations, cfg.rollout.num_envs, cfg.replay.capacity) == (250, 128, 20000)
+    assert cfg.archer.warmup_iterations == 30 and cfg.rollout.context_tokens == 22
+    assert cfg.archer.batch_size == 32 and cfg.replay.max_state_len == 32
     assert cfg.env.name == "frozenlake" and cfg.env.frozenlake.map == "SFF/FHF/FFG"
     assert cfg.archer.gamma == TrainConfig().archer.gamma  # not in the preset: built-in default
     assert cfg.config == TINY
@@ -116,7 +116,7 @@ def test_preset_values_replace_defaults_and_keep_the_rest():
 def test_cli_flags_override_the_preset_in_any_order(argv):
     cfg = parse_config(argv)
     assert (cfg.rollout.num_envs, cfg.archer.batch_size, cfg.algo) == (8, 16, "reinforce")
-    assert cfg.replay.capacity == 20000 and cfg.iterations == 120  # untouched preset values
+    assert cfg.replay.capacity == 20000 and cfg.iterations == 250  # untouched preset values
 
 
 def test_nested_yaml_merges_only_the_given_fields(tmp_path):
@@ -164,6 +164,8 @@ def config_error(argv: list[str]) -> str:
     (["--rollout.max-new-tokens", "32"], "replay.max_action_len (16) must be at least rollout.max_new_tokens (32)"),
     (["--rollout.no-constrain-actions"],
      "replay.max_action_len (16) must be at least rollout.max_new_tokens + 1 (17) when rollout.constrain_actions is off"),
+    (["--rollout.context-tokens", "600"], "rollout.context_tokens (600) must not exceed replay.max_state_len (512)"),
+    (["--rollout.context-tokens=-1"], "rollout.context_tokens (-1) must not be negative"),
     (["--model.hidden-size", "30"], "model.hidden_size (30) must be divisible by model.num_heads (4)"),
     (["--config", "configs/does_not_exist.yaml"], "config preset 'configs/does_not_exist.yaml' does not exist"),
 ])

@@ -48,7 +48,7 @@ def check_run_folder(run_dir, proc) -> list[dict]:
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert (config["algo"], config["iterations"], config["rollout"]["num_envs"]) == ("archer", 2, NUM_ENVS)
-    assert config["replay"]["max_state_len"] == 256  # from the preset
+    assert config["replay"]["max_state_len"] == 32  # from the preset
 
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("start/eval_success_rate", "final/eval_success_rate", "start/eval_return", "final/eval_return",

@@ -2,6 +2,8 @@
 
 The state of an episode is its dialogue as token ids, built by concatenating segment ids
 (prompt, then action ⊕ observation per turn), so s' = s ⊕ a ⊕ o holds exactly for the replay buffer.
+With a context window of N tokens the state is the last N tokens of the dialogue, and
+s' = last N tokens of (s ⊕ a ⊕ o) holds exactly as well (the tail of a tail is the tail).
 Each finished turn becomes one utterance-level transition with its discounted Monte-Carlo return.
 """
 
@@ -123,13 +125,23 @@ def play_episodes(
     params: SamplingParams | None = None,
     generator: torch.Generator | None = None,
     picker: ActionPicker | None = None,
+    context_tokens: int = 0,
 ) -> RolloutResult:
-    """Run one episode per seed to the end, with the engine (sampling/greedy) or a scripted picker."""
+    """Run one episode per seed to the end, with the engine (sampling/greedy) or a scripted picker.
+
+    context_tokens > 0: the engine sees, and each turn stores as its state, only the last
+    `context_tokens` tokens of the dialogue."""
     if (engine is None) == (picker is None):
         raise ValueError("play_episodes needs exactly one of engine or picker")
+    if context_tokens < 0:
+        raise ValueError(f"context_tokens ({context_tokens}) must not be negative")
+
+    def window(ids: list[int]) -> list[int]:
+        return ids[-context_tokens:] if context_tokens else ids
+
     first_obs = runner.reset(seeds)
     episodes = [Episode(seed=s) for s in seeds]
-    states = [encode(tokenizer, obs) for obs in first_obs]
+    states = [window(encode(tokenizer, obs)) for obs in first_obs]
     result = RolloutResult(episodes=episodes)
     while True:
         live = runner.live_indices()
@@ -156,7 +168,7 @@ def play_episodes(
                                       reward=float(step.reward), done=step.done,
                                       invalid=bool(step.info.get("invalid", False))))
             episode.success |= bool(step.info.get("success", False))
-            states[step.index] = states[step.index] + action + obs_ids
+            states[step.index] = window(states[step.index] + action + obs_ids)
     for stats in runner.stats:  # a reset that raised never produced a live slot
         episodes[stats.index].dropped |= stats.dropped
     return result
