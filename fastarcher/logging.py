@@ -54,7 +54,7 @@ class RunLogger:
 
     def print(self, message: str) -> None:
         if self.is_main:
-            self.console.print(message)
+            self.console.print(message, soft_wrap=True)  # one line per message, also in a log file
 
     def log(self, iteration: int, metrics: dict[str, float], advance: bool = True) -> None:
         if not self.is_main:
@@ -69,7 +69,7 @@ class RunLogger:
         for key, short, fmt in CONSOLE_KEYS:
             if key in metrics:
                 parts.append(f"{short} {fmt.format(metrics[key])}")
-        self.console.print("  ".join(parts))
+        self.console.print("  ".join(parts), soft_wrap=True)
         if self._progress is not None and advance:
             self._progress.advance(self._task)
 
