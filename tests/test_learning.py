@@ -8,6 +8,7 @@ Seeded and deterministic on CPU: the same iterations give the same numbers on ev
 import json
 
 import pytest
+import yaml
 
 from dist_helpers import REPO, describe, run_torchrun
 
@@ -29,9 +30,11 @@ def test_archer_tiny_preset_learns_frozenlake_with_two_processes(tmp_path):
     assert final >= random_policy + 0.3, summary
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    warmup = [r for r in rows if 1 <= r["iteration"] <= 30]
-    assert warmup and not any("actor/pg_loss" in r for r in warmup)  # critic-only warm-up
-    assert all("actor/pg_loss" in r for r in rows if r["iteration"] > 30)
+    warmup_iterations = yaml.safe_load((run_dir / "config.yaml").read_text())["archer"]["warmup_iterations"]
+    assert warmup_iterations == 30  # the preset's critic-only warm-up
+    warmup = [r for r in rows if 1 <= r["iteration"] <= warmup_iterations]
+    assert warmup and not any("actor/pg_loss" in r for r in warmup)
+    assert all("actor/pg_loss" in r for r in rows if r["iteration"] > warmup_iterations)
     # the sampled policy improved too, not only its argmax
     early = sum(r["rollout/success_rate"] for r in rows[1:11]) / 10
     late = sum(r["rollout/success_rate"] for r in rows[-10:]) / 10
