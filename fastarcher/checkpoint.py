@@ -68,6 +68,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from fastarcher.replay import ShardFile, load_shard, redistribute, save_shard
+
 FORMAT_VERSION = 1
 """Bumped when the layout changes; older checkpoints are refused with a message."""
 CHECKPOINT_RE = re.compile(r"^iter_(\d{6,})$")
@@ -472,54 +474,25 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[tup
 
 
 def save_replay_shard(buffer, path: Path, *, rank: int, world_size: int) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in buffer.state_dict().items()}
-    save_file(tensors, str(path), metadata={"rank": str(rank), "world_size": str(world_size)})
+    save_shard(buffer, path, metadata={"rank": rank, "world_size": world_size})
 
 
 def load_replay_shard(buffer, path: Path) -> None:
-    buffer.load_state_dict(load_file(str(path), device="cpu"))
-
-
-REPLAY_FIELDS = ("state_ids", "state_len", "action_ids", "action_len", "next_obs_ids", "next_obs_len",
-                 "reward", "done", "mc_return")
+    try:
+        load_shard(buffer, path)
+    except ValueError as error:
+        raise CheckpointError(f"replay shard {path} cannot be loaded: {error}") from error
 
 
 def redistribute_replay(buffer, shard_paths: list[Path], rank: int, world_size: int) -> int:
-    """Fill `buffer` with this rank's share of the rows of all old shards; returns the rows added.
-
-    The rows of every shard are ordered oldest first and interleaved across shards by age, then dealt
-    out round-robin over the new ranks; `buffer.add` keeps the newest rows when they exceed capacity.
-    Only one field of one shard is in memory at a time.
-    """
-    from fastarcher.replay import TransitionBatch
-
-    slots, ages, shard_of = [], [], []
-    for k, path in enumerate(shard_paths):
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.get_tensor("meta").tolist()
-        capacity, ptr, size = meta[0], meta[5], meta[6]
-        slots.append((ptr - size + torch.arange(size)) % capacity)  # storage slot of each row, oldest first
-        ages.append(torch.arange(size) - size)  # -size (oldest) .. -1 (newest)
-        shard_of.append(torch.full((size,), k))
-    slot, age, shard = torch.cat(slots), torch.cat(ages), torch.cat(shard_of)
-    order = torch.argsort(age * len(shard_paths) + shard, stable=True)  # oldest first, then by old rank
-    mine = order[rank::world_size]  # (n,) indices into the pooled rows, in the order they are added
-    if len(mine) == 0:
-        return 0
-    rows: dict[str, Tensor] = {}
-    for k, path in enumerate(shard_paths):
-        here = (shard[mine] == k).nonzero().squeeze(1)  # positions in `mine` that come from shard k
-        if len(here) == 0:
-            continue
-        with safe_open(str(path), framework="pt") as f:
-            for name in REPLAY_FIELDS:
-                values = f.get_tensor(name).index_select(0, slot[mine[here]])
-                if name not in rows:
-                    rows[name] = torch.empty((len(mine), *values.shape[1:]), dtype=values.dtype)
-                rows[name][here] = values
-    batch = {name: t.long() if name.endswith(("_ids", "_len")) else t for name, t in rows.items()}
-    buffer.add(TransitionBatch(**batch, pad_id=buffer.pad_id))
-    return len(mine)
+    """Fill `buffer` with this rank's share of the rows of all old shards (see replay.redistribute);
+    returns the rows added."""
+    try:
+        batch = redistribute([ShardFile(path) for path in shard_paths], rank, world_size)
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"replay shards {shard_paths[0].parent} cannot be redistributed: {error.args[0]}") from error
+    buffer.add(batch)
+    return len(batch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -588,7 +561,7 @@ class Checkpointer:
         rng_tensors, rng_meta = capture_rng(trainer)
         rng_path = tmp / "rng" / f"rank_{self.rank:05d}.safetensors"
         save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(rng_path),
-                  metadata={"json": json.dumps(rng_meta)})
+                  metadata={"json": json.dumps(rng_meta, sort_keys=True)})
         for path in (shard, rng_path):
             _fsync_file(path)
         if self.is_main:

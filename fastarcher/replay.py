@@ -28,9 +28,14 @@ Example:
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 _ID_STORAGE_DTYPE = torch.int32
@@ -306,27 +311,135 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Tensor]:
-        """Everything needed for an exact restore, as tensors only (torch.load(weights_only=True) and
-        safetensors both accept it). Storage tensors are returned without copying."""
-        sd: dict[str, Tensor] = dict(self._storage)
+        """The filled rows and the counters, as tensors only (torch.load(weights_only=True) and safetensors
+        both accept it); views of the storage, not copies.
+
+        Rows are filled from slot 0 and the write pointer only wraps once every slot is filled, so the
+        filled rows are always slots [0, size): a checkpoint grows with the data, not with the capacity.
+        """
+        sd: dict[str, Tensor] = {name: t[: self._size] for name, t in self._storage.items()}
         sd["meta"] = torch.tensor(
             [self.capacity, self.max_state_len, self.max_action_len, self.max_obs_len, self.pad_id,
              self._ptr, self._size, self._num_added], dtype=torch.int64)
         sd["truncated_states"] = self._truncated_states.clone()
         return sd
 
-    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
-        """Restore from `state_dict()`; the shape arguments must match this buffer's."""
-        meta = [int(v) for v in sd["meta"].tolist()]
-        expected = [self.capacity, self.max_state_len, self.max_action_len, self.max_obs_len, self.pad_id]
-        names = ("capacity", "max_state_len", "max_action_len", "max_obs_len", "pad_id")
-        for name, got, want in zip(names, meta[:5], expected):
-            if got != want:
-                raise ValueError(f"replay state_dict has {name}={got} but this buffer has {name}={want}")
+    def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
+        """Restore from `state_dict()`: the same rows at the same slots, the rest as a fresh buffer holds
+        them, and the same counters, so sampling and the next `add` continue exactly."""
+        missing = [name for name in (*self._storage, "meta", "truncated_states") if name not in sd]
+        if missing:
+            raise ValueError(f"replay state_dict lacks {', '.join(missing)}")
+        counters = read_meta(sd["meta"])
+        for name in ("capacity", "max_state_len", "max_action_len", "max_obs_len", "pad_id"):
+            if counters[name] != getattr(self, name):
+                raise ValueError(f"replay state_dict has {name}={counters[name]} but this buffer has "
+                                 f"{name}={getattr(self, name)}")
+        size = counters["size"]
         for name, dst in self._storage.items():
             src = sd[name]
-            if src.shape != dst.shape:
-                raise ValueError(f"replay state_dict {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(src.to(dst.device, dst.dtype))
-        self._ptr, self._size, self._num_added = meta[5], meta[6], meta[7]
+            # a shard written before only the filled rows were saved holds all `capacity` rows
+            if src.shape[1:] != dst.shape[1:] or src.shape[0] not in (size, self.capacity):
+                raise ValueError(f"replay state_dict {name} has shape {tuple(src.shape)}, expected "
+                                 f"{(size, *dst.shape[1:])}")
+            dst[:size].copy_(src[:size].to(dst.device, dst.dtype))
+            dst[size:].fill_(self.pad_id if name.endswith("_ids") else 0)
+        self._ptr, self._size, self._num_added = counters["ptr"], size, counters["num_added"]
         self._truncated_states = sd["truncated_states"].to(self.device, torch.int64).clone()
+
+
+META_FIELDS = ("capacity", "max_state_len", "max_action_len", "max_obs_len", "pad_id", "ptr", "size", "num_added")
+"""Order of the int64 `meta` tensor of a replay state dict."""
+
+
+def read_meta(meta: Tensor) -> dict[str, int]:
+    """The counters of a replay state dict's `meta` tensor, checked for consistency (files are untrusted)."""
+    if meta.shape != (len(META_FIELDS),) or meta.dtype != torch.int64:
+        raise ValueError(f"replay meta has shape {tuple(meta.shape)} and dtype {meta.dtype}, expected "
+                         f"({len(META_FIELDS)},) int64")
+    counters = dict(zip(META_FIELDS, meta.tolist()))
+    capacity, ptr, size = counters["capacity"], counters["ptr"], counters["size"]
+    # before the pointer wraps it equals the fill level; after, every slot is filled
+    if not (0 <= size <= capacity and 0 <= ptr < capacity and (size == capacity or ptr == size)
+            and counters["num_added"] >= size):
+        raise ValueError(f"replay meta is inconsistent: capacity {capacity}, write pointer {ptr}, size {size}, "
+                         f"{counters['num_added']} added")
+    return counters
+
+
+def oldest_first_slots(ptr: int, size: int, capacity: int) -> Tensor:
+    """(size,) storage slots of the filled rows, oldest first (the slot after the write pointer is the
+    oldest once the buffer has wrapped)."""
+    return (ptr - size + torch.arange(size)) % capacity
+
+
+def redistribute(shards: Sequence[Mapping[str, Tensor]], rank: int, world_size: int) -> TransitionBatch:
+    """This rank's share of the rows of `shards` (replay state dicts of the old ranks), oldest first.
+
+    The rows of every shard are ordered oldest first and interleaved across shards by age (rows of equal
+    age by old rank), then dealt out round-robin over `world_size` new ranks; adding the result to a
+    buffer keeps the newest rows when they exceed its capacity. Each field of each shard is read once and
+    only for the rows this rank takes, so lazy mappings (`ShardFile`) keep one field in memory at a time.
+    """
+    slots, ages, shard_of, pad_id = [], [], [], 0
+    for k, shard in enumerate(shards):
+        counters = read_meta(shard["meta"])
+        size, pad_id = counters["size"], counters["pad_id"]
+        slots.append(oldest_first_slots(counters["ptr"], size, counters["capacity"]))
+        ages.append(torch.arange(size) - size)  # -size (oldest) .. -1 (newest)
+        shard_of.append(torch.full((size,), k))
+    slot, age, shard = torch.cat(slots), torch.cat(ages), torch.cat(shard_of)
+    order = torch.argsort(age * len(shards) + shard, stable=True)  # oldest first, then by old rank
+    mine = order[rank::world_size]  # (n,) indices into the pooled rows, in the order they are added
+    picks = [(shard[mine] == k).nonzero().squeeze(1) for k in range(len(shards))]  # positions in `mine` per shard
+    rows: dict[str, Tensor] = {}
+    for name in TransitionBatch.tensor_fields():
+        for here, state in zip(picks, shards):
+            if len(here) == 0 and name in rows:  # an empty pick is read only to give the field its dtype and width
+                continue
+            values = state[name].index_select(0, slot[mine[here]])
+            if name not in rows:
+                rows[name] = torch.empty((len(mine), *values.shape[1:]), dtype=values.dtype)
+            rows[name][here] = values
+    batch = {name: t.long() if name.endswith(("_ids", "_len")) else t for name, t in rows.items()}
+    return TransitionBatch(**batch, pad_id=pad_id)
+
+
+# ---------------------------------------------------------------------- shard files
+
+
+def save_shard(buffer: ReplayBuffer, path: str | Path, *, metadata: dict) -> None:
+    """Write the buffer's state dict as a safetensors file whose bytes depend only on the state.
+
+    safetensors orders tensors itself but writes several metadata entries in hash order, which changes
+    from one save to the next; one sorted JSON entry keeps equal states byte-identical.
+    """
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in buffer.state_dict().items()}
+    save_file(tensors, str(path), metadata={"json": json.dumps(metadata, sort_keys=True)})
+
+
+def load_shard(buffer: ReplayBuffer, path: str | Path) -> None:
+    """Restore `buffer` from a file written by `save_shard` (same buffer shape)."""
+    buffer.load_state_dict(load_file(str(path), device="cpu"))
+
+
+class ShardFile(Mapping):
+    """A shard file as a read-only mapping that reads each tensor on access (redistribution of many
+    large shards then holds one field at a time)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        with safe_open(self.path, framework="pt") as f:
+            self._names = list(f.keys())
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._names:
+            raise KeyError(f"{self.path} has no tensor {name!r}")
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

@@ -24,6 +24,7 @@ from fastarcher.checkpoint import (
     check_checkpoint,
     config_differences,
     load_dcp,
+    load_replay_shard,
     redistribute_replay,
     restore_rng,
     resume_candidates,
@@ -324,6 +325,26 @@ def test_redistributing_into_a_smaller_buffer_keeps_the_newest_rows(tmp_path):
     buf = ReplayBuffer(4, 4, 2, 2, pad_id=0)
     redistribute_replay(buf, paths, 0, 1)
     assert _rows_oldest_first(buf) == [4.0, 104.0, 5.0, 105.0]
+
+
+def test_two_saves_of_the_same_state_write_byte_identical_replay_and_rng_files(saved_run, tmp_path):
+    saved = [_checkpointer(tmp_path / f"run_{k}").save(saved_run.trainer) for k in range(4)]
+    for part in ("replay/rank_00000.safetensors", "rng/rank_00000.safetensors"):
+        assert len({(path / part).read_bytes() for path in saved}) == 1, part
+
+
+def test_replay_shard_with_inconsistent_counters_is_refused_naming_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "rank_00000.safetensors"
+    save_replay_shard(_buffer_with_ids(5, 0, capacity=8), path, rank=0, world_size=1)
+    tensors = load_file(str(path))
+    tensors["meta"][6] = 7  # claims 7 filled rows; the file holds 5 and the write pointer says 5
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match=r"rank_00000.safetensors cannot be loaded: replay meta is inconsistent"):
+        load_replay_shard(ReplayBuffer(8, 4, 2, 2, pad_id=0), path)
+    with pytest.raises(CheckpointError, match="cannot be redistributed: replay meta is inconsistent"):
+        redistribute_replay(ReplayBuffer(8, 4, 2, 2, pad_id=0), [path], 0, 1)
 
 
 def test_config_differences_lists_dotted_fields():

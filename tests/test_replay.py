@@ -261,3 +261,80 @@ def test_transition_batch_trimmed_and_to():
     assert torch.equal(t.next_state(20)[0], full.next_state(20)[0][:, :6])
     moved = t.to("cpu")
     assert moved.pad_id == t.pad_id and torch.equal(moved.state_ids, t.state_ids)
+
+
+def _every_slot(buf: ReplayBuffer) -> TransitionBatch:
+    """All `capacity` rows, filled or not: the whole preallocated storage."""
+    return buf.gather(torch.arange(buf.capacity))
+
+
+@pytest.mark.parametrize("rows_added", [11, 21], ids=["not_wrapped", "wrapped"])
+def test_replay_shard_holds_only_filled_rows_and_restores_exactly(tmp_path, rows_added):
+    from fastarcher.replay import load_shard, save_shard
+
+    buf = ReplayBuffer(16, 10, 3, 4, pad_id=PAD)
+    rng = random.Random(rows_added)
+    for n in (rows_added // 2, rows_added - rows_added // 2):
+        buf.add(random_batch(rng, n, 12, 3, 4))
+    assert len(buf) == min(rows_added, 16)
+    assert all(v.shape[0] == len(buf) for k, v in buf.state_dict().items() if k in TransitionBatch.tensor_fields())
+    save_shard(buf, tmp_path / "shard.safetensors", metadata={"rank": 0})
+    other = ReplayBuffer(16, 10, 3, 4, pad_id=PAD)
+    other.add(tagged_batch(list(range(14))))  # stale rows: a restore must replace all of them
+    load_shard(other, tmp_path / "shard.safetensors")
+    assert (len(other), other.num_added, int(other.truncated_states)) == (len(buf), buf.num_added,
+                                                                           int(buf.truncated_states))
+    for name in TransitionBatch.tensor_fields():  # the same rows at the same slots, padding included
+        assert torch.equal(getattr(_every_slot(buf), name), getattr(_every_slot(other), name)), name
+    x, y = buf.sample(64, torch.Generator().manual_seed(5)), other.sample(64, torch.Generator().manual_seed(5))
+    for name in TransitionBatch.tensor_fields():
+        assert torch.equal(getattr(x, name), getattr(y, name)), name
+    extra = tagged_batch([100, 101, 102])  # the write pointer is restored: the next add lands in the same slots
+    buf.add(extra)
+    other.add(extra)
+    assert torch.equal(_every_slot(buf).reward, _every_slot(other).reward)
+
+
+def test_replay_shard_size_follows_filled_rows_not_capacity(tmp_path):
+    from fastarcher.replay import save_shard
+
+    def size(capacity: int, rows: int) -> int:
+        buf = ReplayBuffer(capacity, 32, 4, 8, pad_id=PAD)
+        buf.add(tagged_batch(list(range(rows))))
+        path = tmp_path / f"{capacity}_{rows}.safetensors"
+        save_shard(buf, path, metadata={"rank": 0})
+        return path.stat().st_size
+
+    assert size(4096, 8) == size(16, 8)
+    row_bytes = (32 + 4 + 8) * 4 + 6 * 4  # int32 ids, three int32 lengths, three float32 scalars
+    assert 0 <= size(4096, 16) - size(4096, 8) - 8 * row_bytes < 64  # the header's offsets gain a few digits
+    assert size(4096, 8) < 8 * row_bytes + 2048  # the header and counters are small
+
+
+def test_replay_shard_bytes_depend_only_on_the_state(tmp_path):
+    from fastarcher.replay import save_shard
+
+    def build() -> ReplayBuffer:
+        buf = ReplayBuffer(16, 10, 3, 4, pad_id=PAD)
+        _fill(buf, 0)
+        return buf
+
+    first, second = build(), build()
+    blobs = set()
+    for k, buf in enumerate([first, second] * 4):  # several saves: a hash-ordered header would differ
+        path = tmp_path / f"shard_{k}.safetensors"
+        save_shard(buf, path, metadata={"world_size": 2, "rank": 1})
+        blobs.add(path.read_bytes())
+    assert len(blobs) == 1
+
+
+def test_replay_loads_a_state_dict_that_holds_every_slot(tmp_path):
+    # checkpoints written before only the filled rows were saved hold all `capacity` rows
+    buf = ReplayBuffer(16, 10, 3, 4, pad_id=PAD)
+    buf.add(tagged_batch(list(range(6))))
+    every = _every_slot(buf)
+    sd = {name: getattr(every, name) for name in TransitionBatch.tensor_fields()}
+    sd.update(meta=buf.state_dict()["meta"], truncated_states=buf.truncated_states)
+    other = ReplayBuffer(16, 10, 3, 4, pad_id=PAD)
+    other.load_state_dict(sd)
+    assert len(other) == 6 and torch.equal(_every_slot(other).state_ids, every.state_ids)
