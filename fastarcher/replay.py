@@ -20,6 +20,11 @@ Length limits on `add`:
   `ValueError`: cutting an utterance changes what its log-probability scores, and cutting an
   observation changes s'. Raise the limit instead.
 
+Checkpoints: `state_dict()` holds only the filled rows (slots [0, size)) and the counters, so a shard
+grows with the data, not the capacity; `save_shard` / `load_shard` write and read it as safetensors
+with deterministic bytes, and `redistribute` deals the rows of several shards out to another number of
+ranks (pure: it takes state dicts, or lazy `ShardFile`s, and returns this rank's batch).
+
 Example:
     buf = ReplayBuffer(100_000, 512, 16, 64, pad_id=0)
     buf.add(batch)                      # TransitionBatch from the rollout
@@ -381,10 +386,11 @@ def redistribute(shards: Sequence[Mapping[str, Tensor]], rank: int, world_size: 
     buffer keeps the newest rows when they exceed its capacity. Each field of each shard is read once and
     only for the rows this rank takes, so lazy mappings (`ShardFile`) keep one field in memory at a time.
     """
-    slots, ages, shard_of, pad_id = [], [], [], 0
+    slots, ages, shard_of, sizes, pad_id = [], [], [], [], 0
     for k, shard in enumerate(shards):
         counters = read_meta(shard["meta"])
         size, pad_id = counters["size"], counters["pad_id"]
+        sizes.append((size, counters["capacity"]))
         slots.append(oldest_first_slots(counters["ptr"], size, counters["capacity"]))
         ages.append(torch.arange(size) - size)  # -size (oldest) .. -1 (newest)
         shard_of.append(torch.full((size,), k))
@@ -394,10 +400,14 @@ def redistribute(shards: Sequence[Mapping[str, Tensor]], rank: int, world_size: 
     picks = [(shard[mine] == k).nonzero().squeeze(1) for k in range(len(shards))]  # positions in `mine` per shard
     rows: dict[str, Tensor] = {}
     for name in TransitionBatch.tensor_fields():
-        for here, state in zip(picks, shards):
+        for k, state in enumerate(shards):
+            here, (size, capacity) = picks[k], sizes[k]
             if len(here) == 0 and name in rows:  # an empty pick is read only to give the field its dtype and width
                 continue
-            values = state[name].index_select(0, slot[mine[here]])
+            values = state[name]
+            if values.shape[0] not in (size, capacity):  # all `capacity` rows: a shard of the earlier layout
+                raise ValueError(f"replay shard {k} field {name} has {values.shape[0]} rows, its meta says {size}")
+            values = values.index_select(0, slot[mine[here]])
             if name not in rows:
                 rows[name] = torch.empty((len(mine), *values.shape[1:]), dtype=values.dtype)
             rows[name][here] = values

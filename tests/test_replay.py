@@ -338,3 +338,21 @@ def test_replay_loads_a_state_dict_that_holds_every_slot(tmp_path):
     other = ReplayBuffer(16, 10, 3, 4, pad_id=PAD)
     other.load_state_dict(sd)
     assert len(other) == 6 and torch.equal(_every_slot(other).state_ids, every.state_ids)
+
+
+def test_redistribute_pools_state_dicts_oldest_first_and_deals_them_round_robin():
+    from fastarcher.replay import redistribute
+
+    wrapped, partial = ReplayBuffer(4, 8, 4, 4, pad_id=PAD), ReplayBuffer(4, 8, 4, 4, pad_id=PAD)
+    wrapped.add(tagged_batch([0, 1, 2]))
+    wrapped.add(tagged_batch([3, 4, 5]))  # keeps 2..5; the oldest, 2, sits at slot 2
+    partial.add(tagged_batch([10, 11]))
+    shards = [wrapped.state_dict(), partial.state_dict()]
+    # ages (rows before the newest): 2→4, 3→3, 4→2, 10→2, 5→1, 11→1; equal ages by old rank
+    assert redistribute(shards, 0, 1).reward.tolist() == [2, 3, 4, 10, 5, 11]
+    assert redistribute(shards, 1, 2).reward.tolist() == [3, 10, 11]
+    assert len(redistribute(shards[1:], 2, 3)) == 0  # 2 rows over 3 ranks: the last gets none
+    partial_sd = partial.state_dict()
+    partial_sd["reward"] = partial_sd["reward"][:1]  # an untrusted file whose rows disagree with its counters
+    with pytest.raises(ValueError, match="replay shard 1 field reward has 1 rows, its meta says 2"):
+        redistribute([shards[0], partial_sd], 0, 1)
