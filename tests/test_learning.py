@@ -1,9 +1,14 @@
-"""ArCHer learns: the tiny CPU preset, shortened, under `torchrun --nproc_per_node=2`.
+"""ArCHer learns: the tiny CPU preset, whole, under `torchrun --nproc_per_node=2`.
 
-The preset (configs/tiny_cpu.yaml, seed 0) reaches greedy success 1.0 at iteration 110 of its 250;
-this test runs its first 130 iterations (about 3.5 minutes on 2 cores) and asserts that greedy
-success rose by at least 0.3 over the start and over the uniformly random valid-action policy.
-Seeded and deterministic on CPU: the same iterations give the same numbers on every run.
+The preset (configs/tiny_cpu.yaml, 250 iterations, about 5.5 minutes on 2 cores) was tuned on seed 0,
+which first reaches greedy success 1.0 at iteration 110 with the pinned libraries (constraints.txt).
+Seed 1 was not tuned on. Each run asserts that greedy success ended at least 0.3 above the start and
+above the uniformly random valid-action policy, and that the sampled policy improved too.
+
+The whole preset runs rather than a prefix: a prefix that stops 20 iterations after the tuned seed
+first succeeds breaks whenever library numerics move the trajectory (a fresh install with newer
+libraries learned at iteration 150). Seeded and deterministic on CPU: the same iterations give the same
+numbers on every run of one install.
 """
 import json
 
@@ -12,16 +17,15 @@ import yaml
 
 from dist_helpers import REPO, describe, run_torchrun
 
-ITERATIONS = 130
-
 
 @pytest.mark.slow
-def test_archer_tiny_preset_learns_frozenlake_with_two_processes(tmp_path):
+@pytest.mark.parametrize("seed", [0, 1], ids=["tuned_seed0", "heldout_seed1"])
+def test_archer_tiny_preset_learns_frozenlake_with_two_processes(tmp_path, seed):
     run_dir = tmp_path / "run"
     proc = run_torchrun(["-m", "fastarcher.train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
-                         "--algo", "archer", "--device", "cpu", "--iterations", str(ITERATIONS),
+                         "--algo", "archer", "--device", "cpu", "--seed", str(seed),
                          "--log.no-progress", "--checkpoint.no-export-hf", "--log.run-dir", str(run_dir)],
-                        timeout=900)
+                        timeout=1500)
     assert proc.returncode == 0, describe(proc)
     summary = json.loads((run_dir / "summary.json").read_text())
     start, final = summary["start/eval_success_rate"], summary["final/eval_success_rate"]
@@ -30,7 +34,9 @@ def test_archer_tiny_preset_learns_frozenlake_with_two_processes(tmp_path):
     assert final >= random_policy + 0.3, summary
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    warmup_iterations = yaml.safe_load((run_dir / "config.yaml").read_text())["archer"]["warmup_iterations"]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["iterations"] == 250 and rows[-1]["iteration"] == 250
+    warmup_iterations = config["archer"]["warmup_iterations"]
     assert warmup_iterations == 30  # the preset's critic-only warm-up
     warmup = [r for r in rows if 1 <= r["iteration"] <= warmup_iterations]
     assert warmup and not any("actor/pg_loss" in r for r in warmup)
