@@ -175,8 +175,9 @@ def plain_value_problem(loaded: Any, expected: Any) -> str | None:
 
 
 def _unpickling_reason(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return next((line for line in lines if "Unsupported global" in line), lines[-1] if lines else repr(error))
+    """The one line of torch's weights-only refusal that names what was refused (the rest is boilerplate)."""
+    lines = [line.strip().rstrip(".") for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "unsupported" in line.lower()), lines[-1] if lines else repr(error))
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -205,8 +206,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             loaded = torch.load(value, weights_only=True)
         except Exception as error:  # the weights-only unpickler's refusal, or bytes that are no pickle at all
-            raise CheckpointError(f"{fqn} is not a plain value ({_unpickling_reason(error)}); refusing to load it "
-                                  f"(the file may have been tampered with)") from None
+            raise CheckpointError(f"{fqn} cannot be read as a plain value ({_unpickling_reason(error)}); refusing "
+                                  f"to load it (the file may have been tampered with)") from None
         problem = plain_value_problem(loaded, expected)
         if problem:
             raise CheckpointError(f"{fqn} {problem}; refusing to load it (the file may have been tampered with)")
