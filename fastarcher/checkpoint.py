@@ -17,8 +17,10 @@ Layout of `<log.run_dir>/checkpoints/` (see docs/checkpointing.md):
 
 A save writes everything into `.tmp-iter_000010/`, fsyncs it, writes the manifest and then renames
 the folder: a crash mid-write leaves only a hidden `.tmp-*` folder, which is never a resume candidate
-and is removed by the next save. Nothing is unpickled on load: DCP for the models, safetensors for
-the rest, JSON for metadata.
+and is removed by the next save. A checkpoint is untrusted input and loading it never runs code: DCP's
+`.metadata` is unpickled through an allow-list of DCP's own classes, its non-tensor items (optimizer
+hyperparameters) only where the state being loaded into expects one, with `weights_only=True` and a
+type check; safetensors for the rest, JSON for metadata (docs/checkpointing.md, "Threat model").
 
 `checkpoint.resume`:
 - `auto`: the checkpoint named by `latest`, else the newest other one; a checkpoint that fails its
@@ -61,6 +63,9 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -91,9 +96,10 @@ class CheckpointError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------
-# DCP's `.metadata` file is a pickle that torch reads with plain `pickle.load`; read it with an
-# allow-list instead, so a planted checkpoint cannot run code. The tensor files themselves are read by
-# DCP with torch.load(weights_only=True).
+# DCP's `.metadata` file is a pickle that torch reads with plain `pickle.load`, and its default load
+# planner unpickles every non-tensor item with `torch.load(weights_only=False)`. Both are replaced here,
+# so a planted checkpoint cannot run code: the metadata through an allow-list of DCP's own classes, the
+# non-tensor items by SafeLoadPlanner. DCP itself reads tensors with torch.load(weights_only=True).
 
 
 def _metadata_globals() -> set[tuple[str, str]]:
@@ -130,20 +136,104 @@ class SafeFileSystemReader(dcp.FileSystemReader):
             _MetadataUnpickler.allowed = _metadata_globals()
         with open(Path(self.path) / ".metadata", "rb") as f:
             metadata = _MetadataUnpickler(f).load()
+        for info in getattr(metadata, "storage_data", {}).values():  # DCP writes plain file names
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise CheckpointError(f"DCP metadata points at {name!r}, outside the checkpoint folder; refusing "
+                                      f"to load it (the file may have been tampered with)")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
 
+_PLAIN = (type(None), bool, int, float, str, list, tuple, dict)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return type(value).__name__
+    if isinstance(value, (int, float)):
+        return "number"
+    return "sequence" if isinstance(value, (list, tuple)) else type(value).__name__
+
+
+def _is_plain(value: Any) -> bool:
+    """Only None, bools, numbers, strings and lists/tuples/dicts of those (what optimizers keep)."""
+    if isinstance(value, (list, tuple)):
+        return type(value) in (list, tuple) and all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return type(value) is dict and all(_is_plain(k) and _is_plain(v) for k, v in value.items())
+    return type(value) in _PLAIN
+
+
+def plain_value_problem(loaded: Any, expected: Any) -> str | None:
+    """Why `loaded` cannot replace `expected` (None when it can): it must be plain and, unless either side
+    is None (an optional setting), of the same kind (a number for a number, a sequence for a sequence)."""
+    optional = loaded is None or expected is None
+    if not _is_plain(loaded) or (not optional and _kind(loaded) != _kind(expected)):
+        return f"holds a {type(loaded).__name__} where a {_kind(expected)} is expected"
+    return None
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """The one line of torch's weights-only refusal that names what was refused (the rest is boilerplate)."""
+    lines = [line.strip().rstrip(".") for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "unsupported" in line.lower()), lines[-1] if lines else repr(error))
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that reads a non-tensor item only where the state being loaded into holds a
+    non-tensor, with `torch.load(weights_only=True)`, and keeps it only if it is a plain value of the
+    expected kind. (torch's own planner unpickles whatever the metadata declares with weights_only=False.)"""
+
+    def create_local_plan(self) -> LoadPlan:
+        plan = super().create_local_plan()
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                self._expected(item)  # refused before a single byte is read
+        return plan
+
+    def _expected(self, item: ReadItem) -> Any:
+        fqn = item.dest_index.fqn
+        expected = self.state_dict[fqn]
+        if isinstance(expected, Tensor):
+            raise CheckpointError(f"the checkpoint declares {fqn} a non-tensor item, but it is a tensor; refusing "
+                                  f"to read it (the file may have been tampered with)")
+        return expected
+
+    def load_bytes(self, read_item: ReadItem, value) -> None:
+        fqn = read_item.dest_index.fqn
+        expected = self._expected(read_item)
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except Exception as error:  # the weights-only unpickler's refusal, or bytes that are no pickle at all
+            raise CheckpointError(f"{fqn} cannot be read as a plain value ({_unpickling_reason(error)}); refusing "
+                                  f"to load it (the file may have been tampered with)") from None
+        problem = plain_value_problem(loaded, expected)
+        if problem:
+            raise CheckpointError(f"{fqn} {problem}; refusing to load it (the file may have been tampered with)")
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+def _failure_reason(failure: Any) -> str:
+    """The last line of what one rank raised (DCP records each failure as (exception, traceback))."""
+    exception = failure[0] if isinstance(failure, tuple) else failure
+    lines = str(exception).strip().splitlines()
+    return lines[-1].strip() if lines else type(exception).__name__
+
+
 def load_dcp(state: dict, folder: str | Path) -> None:
-    """dcp.load into `state` (in place) through the allow-listed metadata reader."""
+    """dcp.load into `state` (in place) through the allow-listed metadata reader and the safe planner."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)))
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)), planner=SafeLoadPlanner())
     except dcp.CheckpointException as error:  # one failure per rank, each wrapping the real exception
-        reasons = {str(getattr(f, "exc", f)).strip().splitlines()[-1] for f in error.failures.values()}
+        reasons = {_failure_reason(f) for f in error.failures.values()}
         raise CheckpointError(f"cannot load the model state in {folder}: {'; '.join(sorted(reasons))}") from error
 
 
@@ -264,7 +354,9 @@ def check_checkpoint(path: str | Path, *, verify: str = "crc32") -> list[str]:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError) as error:
             problems.append(f"{path / MANIFEST} is unreadable ({error})")
-    if manifest is not None:
+    if manifest is not None and (shape := _manifest_shape_problem(manifest)):
+        problems.append(f"{path / MANIFEST} {shape} (damaged or not written by fastarcher)")
+    elif manifest is not None:
         if manifest.get("format") != FORMAT_VERSION:
             problems.append(f"{path} has checkpoint format {manifest.get('format')!r}; this fastarcher reads "
                             f"format {FORMAT_VERSION}")
@@ -285,6 +377,21 @@ def check_checkpoint(path: str | Path, *, verify: str = "crc32") -> list[str]:
     for part in _all_gather(problems):
         merged.extend(p for p in part if p not in merged)
     return merged
+
+
+def _manifest_shape_problem(manifest: Any) -> str | None:
+    """What makes parsed manifest JSON unusable as a manifest (None when its shape is right)."""
+    if not isinstance(manifest, dict):
+        return f"is not a JSON object (it holds a {type(manifest).__name__})"
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        return "is not a manifest: 'files' is not an object"
+    for name, entry in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"names {name}, outside the checkpoint folder"
+        if not isinstance(entry, dict) or type(entry.get("size")) is not int:
+            return f"is not a manifest: {name} has no integer size"
+    return None
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
