@@ -9,12 +9,14 @@ import re
 import pytest
 import torch
 
+import fastarcher.envs
+import fastarcher.train
 import fastarcher.trainer
 from dist_helpers import REPO, describe, run_torchrun
 from fastarcher.config import TrainConfig, load_preset
-from fastarcher.envs import EnvConfig, FrozenLakeConfig, SokobanConfig, make_env, token_sizes
+from fastarcher.envs import EnvConfig, FrozenLakeConfig, SokobanConfig, make_env
 from fastarcher.model import build_builtin_tokenizer, encode
-from fastarcher.train import check_config, main, parse_config
+from fastarcher.train import main, parse_config
 
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
 
@@ -29,6 +31,10 @@ def no_trainer(monkeypatch):
     monkeypatch.setattr(fastarcher.trainer, "Trainer", TrainerMustNotBeBuilt)
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    fastarcher.train.check_config(cfg)
 
 
 def refusal(argv: list[str], tmp_path) -> str:
@@ -82,10 +88,9 @@ def test_bad_preset_structure_is_refused_naming_the_key(tmp_path, no_trainer, te
     assert message in refusal(["--config", preset(tmp_path, text)], tmp_path)
 
 
-def test_an_empty_section_is_allowed():
-    cfg = TrainConfig()
-    assert load_preset(REPO / "configs" / "tiny_cpu.yaml").archer.gamma == cfg.archer.gamma
-    assert parse_config([]).archer == cfg.archer
+def test_an_empty_section_keeps_the_defaults(tmp_path):
+    cfg = load_preset(preset(tmp_path, "archer:\noptim:\n  actor_lr: 0.5\n"))
+    assert cfg.archer == TrainConfig().archer and cfg.optim.actor_lr == 0.5
 
 
 def test_two_config_flags_are_refused(tmp_path, no_trainer):
@@ -184,7 +189,7 @@ def test_validate_refuses_nan_and_inf_in_every_float_field():
 
 def builtin_sizes(env: EnvConfig):
     tokenizer = build_builtin_tokenizer()
-    return token_sizes(env, lambda text: encode(tokenizer, text))
+    return fastarcher.envs.token_sizes(env, lambda text: encode(tokenizer, text))
 
 
 @pytest.mark.parametrize("env, max_obs, max_action", [
@@ -257,17 +262,12 @@ def test_every_shipped_preset_fits_its_env(path):
 # ---------------------------------------------------------------- under torchrun
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--archer.gamma", "nan"], "config error: archer.gamma (nan) must be a finite number"),
-    (["--device", "cuda"], "config error: device is 'cuda' but no CUDA GPU is visible"),
-])
-def test_two_processes_print_a_config_error_once(tmp_path, flags, message):
-    if flags[0] == "--device" and torch.cuda.is_available():
-        pytest.skip("needs a machine without a CUDA GPU")
+def test_two_processes_print_a_config_error_once(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_torchrun(["-m", "fastarcher.train", *flags, "--log.run-dir", str(run_dir)], timeout=120)
+    proc = run_torchrun(["-m", "fastarcher.train", "--config", preset(tmp_path, "archer: {gamma: 0.5\n"),
+                         "--log.run-dir", str(run_dir)], timeout=120)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, describe(proc)
-    assert output.count("config error:") == 1 and message in output, describe(proc)
-    assert "Traceback" not in output, describe(proc)
+    assert output.count("config error:") == 1 and "is not valid YAML" in output, describe(proc)
+    assert not re.search(r'File ".*fastarcher[/\\]', output), describe(proc)  # torchrun's own report aside
     assert not run_dir.exists()
