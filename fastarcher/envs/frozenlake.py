@@ -172,11 +172,13 @@ class FrozenLake(TurnBasedEnv):
         return list(ACTIONS)
 
     def observation_texts(self) -> list[str]:
-        # A render has one symbol per cell whatever the map holds. The agent on every cell covers the
-        # position line's widest numbers; a few random maps cover subword tokenizers' merges of symbols.
+        # A render has one symbol per cell whatever the map holds. The agent along the last row and
+        # column covers every number of the position line; a few random maps cover subword tokenizers'
+        # merges of symbols.
         saved = (self.grid, self.pos)
         self._reset(random.Random(0))
-        cells = [(r, c) for r in range(len(self.grid)) for c in range(len(self.grid[0]))]
+        height, width = len(self.grid), len(self.grid[0])
+        cells = [(r, width - 1) for r in range(height)] + [(height - 1, c) for c in range(width)]
         texts = [self.invalid_obs]
         for pos in cells:
             self.pos = pos
