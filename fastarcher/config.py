@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from fastarcher.critic import CriticConfig
@@ -297,11 +298,8 @@ class TrainConfig:
         if self.critic.encoder == "policy" and world_size > 1:
             raise ValueError("critic.encoder 'policy' is supported on one process only; use critic.encoder "
                              "'separate' with torchrun")
-        if self.device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError("device is 'cuda' but no CUDA GPU is visible: pass --device cpu (or auto)")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device is 'cuda' but no CUDA GPU is visible: pass --device cpu (or auto)")
         _check_model_files(self.model.path, self.model.gguf_file)
 
     def check_env_fits(self, sizes: TokenSizes) -> None:

@@ -262,6 +262,17 @@ def test_every_shipped_preset_fits_its_env(path):
 # ---------------------------------------------------------------- under torchrun
 
 
+def test_other_ranks_exit_nonzero_without_printing(tmp_path, no_trainer, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    for argv, code in ((["--archer.gamma", "nan"], 1), (["--env.name", "chess"], 2), (["--help"], 0)):
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--log.run-dir", str(tmp_path / "run")])
+        assert info.value.code == code, (argv, info.value.code)
+    shown = capsys.readouterr()
+    assert shown.out == shown.err == ""
+    assert not (tmp_path / "run").exists()
+
+
 def test_two_processes_print_a_config_error_once(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_torchrun(["-m", "fastarcher.train", "--config", preset(tmp_path, "archer: {gamma: 0.5\n"),
