@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+import fastarcher.dist
 import fastarcher.envs
 import fastarcher.train
 import fastarcher.trainer
@@ -26,14 +27,20 @@ class TrainerMustNotBeBuilt:
         raise AssertionError("validation should have failed before the trainer was built")
 
 
+def no_process_group(device):
+    raise AssertionError("validation should have failed before the process group was set up")
+
+
 @pytest.fixture
 def no_trainer(monkeypatch):
     monkeypatch.setattr(fastarcher.trainer, "Trainer", TrainerMustNotBeBuilt)
+    monkeypatch.setattr(fastarcher.dist, "init_distributed", no_process_group)
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
 
 def check_config(cfg: TrainConfig) -> None:
+    # Looked up at call time, so that this file also imports (test by test) against code without it.
     fastarcher.train.check_config(cfg)
 
 
