@@ -8,14 +8,19 @@ names the field to change.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from fastarcher.critic import CriticConfig
-from fastarcher.envs import EnvConfig
+from fastarcher.envs import EnvConfig, TokenSizes
 from fastarcher.model import ModelConfig
 from fastarcher.traces.config import TraceConfig
 
@@ -25,7 +30,8 @@ Algo = Literal["archer", "reinforce", "filtered_bc", "sft"]
 @dataclass(kw_only=True)
 class RolloutConfig:
     engine: Literal["hf", "sglang"] = "hf"
-    """Rollout engine: 'hf' (transformers, KV cache; the CPU default) or 'sglang' (GPU, colocated)."""
+    """Rollout engine: 'hf' (transformers, KV cache; the CPU default); 'sglang' (GPU, colocated) is
+    planned and refused until it exists."""
     num_envs: int = 50
     """Episodes collected per iteration, over all ranks (ArCHer's rollout_size)."""
     temperature: float = 1.0
@@ -47,6 +53,8 @@ class RolloutConfig:
     states short; at most replay.max_state_len."""
 
     def validate(self) -> None:
+        if self.engine != "hf":
+            raise ValueError(f"rollout.engine ({self.engine!r}) is not implemented yet: use --rollout.engine hf")
         _positive(self, "rollout", "num_envs", "max_new_tokens", "max_batch", "sync_bucket_mb")
         _non_negative(self, "rollout", "context_tokens")
         if self.temperature <= 0:
@@ -248,6 +256,7 @@ class TrainConfig:
 
     def validate(self, world_size: int = 1) -> None:
         """Cross-field rules; raises ValueError naming the field to change."""
+        _check_finite(self, "")  # NaN passes every `<=` range check below, so this comes first
         if self.iterations <= 0:
             raise ValueError(f"iterations ({self.iterations}) must be positive")
         for part in (self.rollout, self.replay, self.archer, self.baseline, self.optim, self.warm_start,
@@ -286,12 +295,66 @@ class TrainConfig:
             )
         if self.algo == "sft" and self.warm_start.steps == 0:
             raise ValueError("algo 'sft' trains only the warm start: set warm_start.steps > 0")
-        if self.rollout.engine == "sglang":
-            from fastarcher.rollout import sglang_available
+        if self.critic.encoder == "policy" and world_size > 1:
+            raise ValueError("critic.encoder 'policy' is supported on one process only; use critic.encoder "
+                             "'separate' with torchrun")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device is 'cuda' but no CUDA GPU is visible: pass --device cpu (or auto)")
+        _check_model_files(self.model.path, self.model.gguf_file)
 
-            if not sglang_available():
-                raise ValueError("rollout.engine 'sglang' needs `pip install fastarcher[sglang]` and a CUDA GPU; "
-                                 "use rollout.engine 'hf' on this machine")
+    def check_env_fits(self, sizes: TokenSizes) -> None:
+        """Token limits against the chosen env's longest observation and action (`envs.token_sizes`);
+        one error listing every flag to raise, since raising one limit can require another."""
+        r, env = self.rollout, self.env.name
+        raises = []
+        if self.replay.max_obs_len < sizes.max_obs:
+            raises.append(f"--replay.max-obs-len from {self.replay.max_obs_len} to {sizes.max_obs}")
+        # A window shorter than one observation never shows the policy and critic a whole state.
+        if 0 < r.context_tokens < sizes.max_obs:
+            raises.append(f"--rollout.context-tokens from {r.context_tokens} to {sizes.max_obs}")
+            if self.replay.max_state_len < sizes.max_obs:
+                raises.append(f"--replay.max-state-len from {self.replay.max_state_len} to {sizes.max_obs}")
+        # Constrained decoding emits the stop token too; unconstrained, a cut utterance is closed after it.
+        action = sizes.max_action if r.constrain_actions else sizes.max_action - 1
+        if r.max_new_tokens < action:
+            raises.append(f"--rollout.max-new-tokens from {r.max_new_tokens} to {action}")
+            least = action if r.constrain_actions else action + 1
+            if self.replay.max_action_len < least:
+                raises.append(f"--replay.max-action-len from {self.replay.max_action_len} to {least}")
+        if raises:
+            raise ValueError(f"env.name {env!r} has observations of up to {sizes.max_obs} tokens and actions of "
+                             f"up to {sizes.max_action} (stop token included); raise " + ", ".join(raises))
+
+
+def _check_model_files(path: str | None, gguf_file: str | None) -> None:
+    """A model folder must exist and hold a config (or the named GGUF file) before anything loads it;
+    otherwise transformers takes the path for a Hub repository id and fails far from the cause."""
+    if path is None:
+        if gguf_file is not None:
+            raise ValueError(f"model.gguf_file ({gguf_file!r}) needs model.path, the folder that holds it")
+        return
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"model.path ({path!r}) is not a folder: pass a local Hugging Face model folder, or "
+                         f"leave it unset for the built-in model")
+    if gguf_file is not None:
+        if not (folder / gguf_file).is_file():
+            raise ValueError(f"model.gguf_file ({gguf_file!r}) is not a file in model.path ({path!r})")
+    elif not (folder / "config.json").is_file():
+        raise ValueError(f"model.path ({path!r}) holds no config.json: pass a Hugging Face model folder "
+                         f"(or --model.gguf-file for a GGUF file in it)")
+
+
+def _check_finite(cfg: Any, prefix: str) -> None:
+    """Every float field, at any depth (tuples of floats included), must be finite."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+            continue
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{prefix}{f.name} ({value!r}) must be a finite number")
 
 
 def _positive(cfg: Any, prefix: str, *names: str) -> None:
@@ -308,39 +371,94 @@ def _non_negative(cfg: Any, prefix: str, *names: str) -> None:
             raise ValueError(f"{prefix}.{name} ({value}) must not be negative")
 
 
-def _check_scalar_type(name: str, default: Any, value: Any) -> None:
-    """A YAML value must have the type of the field's default (an int is fine where a float is)."""
-    if default is None or value is None:
-        return
-    if isinstance(default, bool):
+def _check_scalar_type(name: str, default: Any, value: Any, kind: type | None = None) -> None:
+    """A YAML value must have the field's type, `kind` or else that of its default (an int is fine
+    where a float is)."""
+    kind = kind if kind is not None else type(default)
+    if value is None:
+        ok = default is None
+    elif kind is bool:
         ok = isinstance(value, bool)
-    elif isinstance(default, (int, float)):
+    elif kind in (int, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok and isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+        if ok and kind is int and isinstance(value, float) and not value.is_integer():
             ok = False
-    elif isinstance(default, str):
+    elif kind is str:
         ok = isinstance(value, str)
     else:
         return
     if not ok:
-        raise ValueError(f"config key '{name}' must be a {type(default).__name__} like its default "
-                         f"({default!r}), got {value!r}")
+        like = "or null" if default is None else f"like its default ({default!r})"
+        raise ValueError(f"config key '{name}' must be a {kind.__name__} {like}, got {value!r}")
+
+
+def _check_value(name: str, hint: Any, default: Any, value: Any) -> None:
+    """A YAML value must fit the field's annotation: one of a Literal's choices, null where the field is
+    optional, else the scalar type (containers are left to the part's own validation)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args or isinstance(value, bool):
+            raise ValueError(f"{name} ({value!r}) must be one of {', '.join(map(str, args))}")
+        return
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1:
+            _check_value(name, kinds[0], default, value)
+        return
+    if isinstance(hint, type) and (hint in (bool, int, float, str) or value is None):
+        _check_scalar_type(name, default, value, hint if hint in (bool, int, float, str) else None)
 
 
 def _merge(instance: Any, values: dict, path: str) -> Any:
     """A copy of dataclass `instance` with `values` (nested dicts) applied; unknown keys are errors."""
     known = {f.name: f for f in dataclasses.fields(instance)}
+    hints = typing.get_type_hints(type(instance))
     updates = {}
     for key, value in values.items():
         if key not in known:
             raise ValueError(f"unknown config key '{path}{key}' (known: {', '.join(sorted(known))})")
         current = getattr(instance, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+        if dataclasses.is_dataclass(current):
+            if value is None:  # an empty section (every key commented out)
+                continue
+            if not isinstance(value, dict):
+                raise ValueError(f"config key '{path}{key}' is a section: it must hold '{path}{key}.*' keys, "
+                                 f"got {value!r}")
             updates[key] = _merge(current, value, f"{path}{key}.")
         else:
-            _check_scalar_type(f"{path}{key}", current, value)
+            _check_value(f"{path}{key}", hints[key], current, value)
             updates[key] = value
     return dataclasses.replace(instance, **updates)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader (plain data, no objects) that refuses a key given twice in one mapping, which plain
+    YAML resolves silently in favour of the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in `path` (plain data only: no objects are built); one-line errors."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"config preset {str(path)!r} cannot be read as text ({error})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ValueError(f"config preset {str(path)!r} is not valid YAML{where}: {problem}") from None
 
 
 def load_preset(path: str | Path) -> TrainConfig:
@@ -348,10 +466,16 @@ def load_preset(path: str | Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config preset {str(path)!r} does not exist (see configs/ for the presets)")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = read_yaml(path)
+    values = {} if values is None else values
     if not isinstance(values, dict):
         raise ValueError(f"config preset {str(path)!r} must hold a mapping of fields")
-    return dataclasses.replace(_merge(TrainConfig(), values, ""), config=str(path))
+    cfg = _merge(TrainConfig(), values, "")
+    if cfg.env.max_turns is not None:
+        # A preset is shared: its turn limit must not follow `--env.name` onto another env.
+        raise ValueError(f"config key 'env.max_turns' ({cfg.env.max_turns}) in preset {str(path)!r} would apply to "
+                         f"any env that --env.name picks: set env.{cfg.env.name}.max_turns in the preset instead")
+    return dataclasses.replace(cfg, config=str(path))
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -38,7 +38,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("dist.device is 'cuda' but no CUDA device is visible; use 'cpu' or 'auto'")
+        raise ValueError("device is 'cuda' but no CUDA device is visible: pass --device cpu (or auto)")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

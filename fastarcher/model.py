@@ -108,20 +108,30 @@ def build_builtin_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: 
     return LlamaForCausalLM(config)
 
 
+def load_tokenizer(cfg: ModelConfig):
+    """The policy's tokenizer: the built-in one, or the one in `cfg.path` (pad token set)."""
+    if cfg.path is None:
+        return build_builtin_tokenizer()
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(cfg.path, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_policy(cfg: ModelConfig):
     """Return (model, tokenizer); the model is on CPU in `cfg.dtype`, in train mode."""
     dtype = getattr(torch, cfg.dtype)
+    tokenizer = load_tokenizer(cfg)
     if cfg.path is None:
-        tokenizer = build_builtin_tokenizer()
         model = build_builtin_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, **kwargs)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
     model.to(dtype)
     model.config.use_cache = True
     return model, tokenizer

@@ -5,12 +5,16 @@
     torchrun --standalone --nproc_per_node=2 -m fastarcher.train --algo archer --config configs/tiny_cpu.yaml
 
 A `--config` preset supplies the defaults; every other flag overrides it. The config is validated
-before any work starts.
+before any work starts (before the process group, the model and the run folder): a bad value stops
+the run with one line naming the field, printed by rank 0 only, and exit status 1.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import sys
 import time
 
@@ -20,28 +24,76 @@ import yaml
 from fastarcher.config import TrainConfig, load_preset, to_dict
 
 
+def launch_rank() -> int:
+    """This process's rank under torchrun (0 without it), known before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def preset_path(argv: list[str]) -> str | None:
-    """The value of --config in argv (both `--config X` and `--config=X`), read before tyro parses."""
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return None
+    """The value of --config in argv (both `--config X` and `--config=X`), read before tyro parses.
+
+    One preset only: with two, one would apply while the run's config.yaml named the other."""
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    if len(paths) > 1:
+        raise ValueError(f"--config is given {len(paths)} times ({', '.join(paths)}): pass one preset and "
+                         f"override its values with flags")
+    return paths[0] if paths else None
+
+
+def rank0_output_only() -> contextlib.AbstractContextManager:
+    """Every rank parses the same argv to the same verdict: only rank 0 prints help and usage errors."""
+    stack = contextlib.ExitStack()
+    if launch_rank() != 0:
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return stack
+
+
+def flag_given(argv: list[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
     path = preset_path(argv)
     default = load_preset(path) if path else TrainConfig()
-    return tyro.cli(TrainConfig, default=default, args=argv, description=__doc__.split("\n\n")[0])
+    with rank0_output_only():
+        cfg = tyro.cli(TrainConfig, default=default, args=argv, description=__doc__.split("\n\n")[0])
+    if cfg.algo == "sft" and flag_given(argv, "--iterations"):
+        raise ValueError("iterations has no effect with algo 'sft' (it runs warm_start.steps supervised steps, then "
+                         "one evaluation): drop --iterations and set --warm-start.steps")
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every check that needs no model: fields and cross-field rules, then the chosen env's longest
+    observation and action in tokens of the policy's tokenizer (built in, or read from model.path)."""
+    from fastarcher.envs import token_sizes
+    from fastarcher.model import encode, load_tokenizer, stop_token_id
+
+    cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+        stop_token_id(tokenizer)
+    except (OSError, ValueError, ImportError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"model.path ({cfg.model.path!r}): cannot use its tokenizer: {reason}") from None
+    cfg.check_env_fits(token_sizes(cfg.env, lambda text: encode(tokenizer, text)))
+
+
+def config_exit(error: Exception) -> SystemExit:
+    """Exit status 1 with the message on rank 0; the other ranks, which reached the same verdict, exit
+    without repeating it."""
+    return SystemExit(f"config error: {error}" if launch_rank() == 0 else 1)
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = parse_config(argv)
+        check_config(cfg)
     except ValueError as error:
-        raise SystemExit(f"config error: {error}") from None
+        raise config_exit(error) from None
 
     from fastarcher.checkpoint import CheckpointError
     from fastarcher.dist import init_distributed, shutdown_distributed
@@ -51,10 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     info = init_distributed(cfg.device)
     try:
         try:
-            cfg.validate(world_size=info.world_size)
             trainer = Trainer(cfg, info)
         except ValueError as error:
-            raise SystemExit(f"config error: {error}") from None
+            raise config_exit(error) from None
         if info.is_main:
             trainer.run_dir.mkdir(parents=True, exist_ok=True)
             (trainer.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

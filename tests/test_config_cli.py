@@ -205,6 +205,8 @@ def test_bad_preset_files_fail_naming_the_field(tmp_path, no_trainer, yaml_text,
 
 
 def test_num_envs_must_divide_over_the_processes(tmp_path, no_trainer, monkeypatch):
+    # Validation runs before the process group exists: the world size comes from torchrun's environment.
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(fastarcher.dist, "init_distributed",
                         lambda device: DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")))
     error = config_error(["--rollout.num-envs", "5", "--log.run-dir", str(tmp_path / "run")])

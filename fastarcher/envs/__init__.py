@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 from fastarcher.envs import frozenlake, guess_number, sokoban, twenty_questions
 from fastarcher.envs.base import Env, check_positive, split_words
@@ -80,6 +80,23 @@ def make_env(cfg: EnvConfig) -> Env:
     return _ENV_CLASSES[cfg.name](cfg.env_config())
 
 
+@dataclass(frozen=True)
+class TokenSizes:
+    """What one env config needs of the token limits (see `token_sizes`)."""
+
+    max_obs: int
+    """Longest observation a step can answer, in tokens."""
+    max_action: int
+    """Longest valid action in tokens, the stop token included."""
+
+
+def token_sizes(cfg: EnvConfig, encode: Callable[[str], list[int]]) -> TokenSizes:
+    """Token sizes of the env's longest observation and action under `encode` (text → token ids)."""
+    env = make_env(cfg)
+    return TokenSizes(max_obs=max(len(encode(text)) for text in env.observation_texts()),
+                      max_action=max(len(encode(text)) for text in env.action_choices()) + 1)
+
+
 def _merge(*word_lists: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(word for words in word_lists for word in words))
 
@@ -119,9 +136,11 @@ __all__ = [
     "Sokoban",
     "SokobanConfig",
     "StepResult",
+    "TokenSizes",
     "TwentyQuestions",
     "TwentyQuestionsConfig",
     "make_env",
     "split_words",
+    "token_sizes",
     "vocab_words",
 ]

@@ -58,6 +58,11 @@ class Env(Protocol):
         """A valid action drawn uniformly from `action_choices()` with the caller's generator."""
         ...
 
+    def observation_texts(self) -> list[str]:
+        """Texts that bound what `step` can answer (the longest observations of this config): the
+        trainer tokenises them to check replay.max_obs_len and rollout.context_tokens before any work."""
+        ...
+
 
 def split_words(text: str) -> list[str]:
     """Split text into words (letter runs, digit runs) and single symbols, dropping whitespace."""
@@ -143,6 +148,9 @@ class TurnBasedEnv:
 
     # -- subclass hooks ----------------------------------------------------------------------------
     def action_choices(self) -> list[str]:
+        raise NotImplementedError
+
+    def observation_texts(self) -> list[str]:
         raise NotImplementedError
 
     def oracle_action(self) -> str:

@@ -171,6 +171,24 @@ class FrozenLake(TurnBasedEnv):
     def action_choices(self) -> list[str]:
         return list(ACTIONS)
 
+    def observation_texts(self) -> list[str]:
+        # A render has one symbol per cell whatever the map holds. The agent along the last row and
+        # column covers every number of the position line; a few random maps cover subword tokenizers'
+        # merges of symbols.
+        saved = (self.grid, self.pos)
+        self._reset(random.Random(0))
+        height, width = len(self.grid), len(self.grid[0])
+        cells = [(r, width - 1) for r in range(height)] + [(height - 1, c) for c in range(width)]
+        texts = [self.invalid_obs]
+        for pos in cells:
+            self.pos = pos
+            texts.append(self.render())
+        for seed in range(1, 4 if self.cfg.random_map_size else 1):
+            self._reset(random.Random(seed))
+            texts.append(self.render())
+        self.grid, self.pos = saved
+        return texts
+
     def render(self) -> str:
         """The grid as text rows with the agent drawn as "@"; every row ends with "\\n"."""
         lines = []

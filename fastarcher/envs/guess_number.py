@@ -80,6 +80,9 @@ class GuessNumber(TurnBasedEnv):
     def action_choices(self) -> list[str]:
         return list(self._choices)
 
+    def observation_texts(self) -> list[str]:
+        return list(FEEDBACK)
+
     def oracle_action(self) -> str:
         # Binary search over the interval that every answer so far allows.
         return str((self._lo + self._hi) // 2)

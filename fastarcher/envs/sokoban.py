@@ -255,6 +255,17 @@ class Sokoban(TurnBasedEnv):
     def action_choices(self) -> list[str]:
         return list(ACTIONS)
 
+    def observation_texts(self) -> list[str]:
+        # Every render is the whole room, one symbol per cell: rooms of a few seeds cover the sizes
+        # (and, for subword tokenizers, a range of symbol runs).
+        saved = (self.floor, self.targets, self.player, self.boxes, self._plan)
+        texts = [self.invalid_obs]
+        for seed in range(4):
+            self._reset(random.Random(seed))
+            texts.append(self.render())
+        self.floor, self.targets, self.player, self.boxes, self._plan = saved
+        return texts
+
     def render(self) -> str:
         """The room as text rows (legend in the module docstring); every row ends with "\\n"."""
         lines = []

@@ -172,6 +172,9 @@ class TwentyQuestions(TurnBasedEnv):
     def action_choices(self) -> list[str]:
         return list(self._choices)
 
+    def observation_texts(self) -> list[str]:
+        return list(ANSWERS)
+
     @property
     def candidates(self) -> list[str]:
         """Objects consistent with every answer given so far in this episode."""
