@@ -71,7 +71,7 @@ class Launch:
     def wait_for(self, condition, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+            if (self.proc.poll() is not None and not condition()) or time.monotonic() > deadline:
                 self.wait(0.1)
                 raise AssertionError("the run ended or stalled before the awaited state:\n" + self.output()[-4000:])
             time.sleep(0.1)
