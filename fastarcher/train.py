@@ -47,13 +47,15 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as error:
         raise SystemExit(f"config error: {error}") from None
 
+    import torch.distributed
+
     from fastarcher.dist import init_distributed, shutdown_distributed
 
     info = init_distributed(cfg.device)
     try:
         summary = run(cfg, info)
     except BaseException as error:
-        if info.distributed:
+        if info.distributed and torch.distributed.is_initialized():  # peers may wait in a collective
             stop_every_rank(error, info.rank)  # never returns
         raise
     shutdown_distributed()  # success only: a barrier here would hang beside a failed peer
