@@ -42,6 +42,7 @@ sync_engine() (called after a restore so the rollout engine holds the restored p
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -73,6 +74,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from fastarcher.dist import fault_point
+from fastarcher.logging import set_aside_metrics
 from fastarcher.replay import ShardFile, load_shard, redistribute, save_shard
 
 FORMAT_VERSION = 1
@@ -89,6 +92,10 @@ MUST_MATCH = ("algo", "model", "critic", "replay", "env")
 """Config sections that shape the saved tensors or the data: a resume with other values is refused."""
 FREE_TO_CHANGE = ("iterations", "config", "device", "log", "checkpoint", "eval", "guard")
 """Config sections a resume may change silently (anything else changed is reported)."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""Signals that save at the end of the iteration and stop (checkpoint.save_on_sigterm)."""
 
 
 class CheckpointError(RuntimeError):
@@ -276,6 +283,49 @@ def _any_rank(flag: bool) -> bool:
     return any(_all_gather(bool(flag)))
 
 
+# A rank that raises while its peers wait in a collective would leave them waiting: file operations that
+# can fail on one rank only run through these two, which share the outcome and raise the same
+# CheckpointError on every rank.
+
+
+def _reason(error: BaseException) -> str:
+    # safetensors reports I/O errors as its own type, with the OS message in the text
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+        return ("the disk is full (No space left on device); free space there or lower checkpoint.keep_last, "
+                "then resume with --checkpoint.resume auto")
+    if isinstance(error, (OSError, CheckpointError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"  # e.g. a file that is not UTF-8 or not JSON
+
+
+def _outcome(fn: Callable[[], Any]) -> tuple[Any, str | None]:
+    try:
+        return fn(), None
+    except Exception as error:  # noqa: BLE001 - every local failure must reach the other ranks
+        return None, _reason(error)
+
+
+def _raise_if(errors: list[str | None], context: str) -> None:
+    errors = [e for e in errors if e is not None]
+    if errors:
+        raise CheckpointError(f"{context}: {errors[0]}")
+
+
+def _on_main(fn: Callable[[], Any], context: str) -> Any:
+    """fn() on rank 0 only; every rank returns its result, or raises the same CheckpointError."""
+    result, error = _outcome(fn) if _world()[0] == 0 else (None, None)
+    result, error = _broadcast((result, error))
+    _raise_if([error], context)
+    return result
+
+
+def _on_every_rank(fn: Callable[[], Any], context: str) -> Any:
+    """fn() on every rank; if it fails on any, every rank raises the same CheckpointError."""
+    result, error = _outcome(fn)
+    _raise_if(_all_gather(error), context)
+    return result
+
+
 # --------------------------------------------------------------------------------------------------
 # files
 
@@ -345,15 +395,15 @@ def check_checkpoint(path: str | Path, *, verify: str = "crc32") -> list[str]:
     rank, world = _world()
     problems: list[str] = []
     manifest = None
-    if not path.is_dir():
-        problems.append(f"{path} is not a folder")
-    elif not (path / MANIFEST).is_file():
-        problems.append(f"{path} has no {MANIFEST} (the save did not finish)")
-    else:
-        try:
+    try:
+        if not path.is_dir():
+            problems.append(f"{path} is not a folder")
+        elif not (path / MANIFEST).is_file():
+            problems.append(f"{path} has no {MANIFEST} (the save did not finish)")
+        else:
             manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, ValueError) as error:
-            problems.append(f"{path / MANIFEST} is unreadable ({error})")
+    except (OSError, ValueError) as error:
+        problems.append(f"{path / MANIFEST} is unreadable ({error})")
     if manifest is not None and (shape := _manifest_shape_problem(manifest)):
         problems.append(f"{path / MANIFEST} {shape} (damaged or not written by fastarcher)")
     elif manifest is not None:
@@ -365,14 +415,18 @@ def check_checkpoint(path: str | Path, *, verify: str = "crc32") -> list[str]:
             if i % world != rank:
                 continue
             want, file = files[name], path / name
-            if not file.is_file():
-                problems.append(f"{file} is missing")
-                continue
-            size = file.stat().st_size
-            if size != want["size"]:
-                problems.append(f"{file} has {size} bytes, the manifest says {want['size']} (truncated or replaced)")
-            elif verify == "crc32" and "crc32" in want and file_crc32(file) != want["crc32"]:
-                problems.append(f"{file} fails its CRC-32 check (corrupted)")
+            try:
+                if not file.is_file():
+                    problems.append(f"{file} is missing")
+                    continue
+                size = file.stat().st_size
+                if size != want["size"]:
+                    problems.append(f"{file} has {size} bytes, the manifest says {want['size']} "
+                                    f"(truncated or replaced)")
+                elif verify == "crc32" and "crc32" in want and file_crc32(file) != want["crc32"]:
+                    problems.append(f"{file} fails its CRC-32 check (corrupted)")
+            except OSError as error:  # on this rank only, perhaps: reported, never raised, so all ranks agree
+                problems.append(f"{file} cannot be read ({error.strerror})")
     merged: list[str] = []
     for part in _all_gather(problems):
         merged.extend(p for p in part if p not in merged)
@@ -408,7 +462,7 @@ def read_latest(folder: str | Path) -> Path | None:
     pointer = Path(folder) / LATEST
     try:
         name = pointer.read_text().strip()
-    except OSError:
+    except (OSError, UnicodeDecodeError):  # missing, unreadable or not text: like a garbage pointer
         return None
     return Path(folder) / name if CHECKPOINT_RE.match(name) else None
 
@@ -618,7 +672,7 @@ class Checkpointer:
         self._log = log or (lambda message: print(message, flush=True) if rank == 0 else None)
         self.last_saved_iteration: int | None = None
         self.resumed_from: Path | None = None
-        self._stop_requested = False
+        self._stop_requested: str | None = None  # the name of the signal that asked to stop
         self._previous_handler = None
         self.timings: dict[str, float] = {}
 
@@ -634,6 +688,7 @@ class Checkpointer:
 
     def maybe_save(self, trainer) -> Path | None:
         """Save when the iteration is a multiple of save_every or the last one; on SIGTERM, save and stop."""
+        fault_point("iteration")
         it = trainer.iteration
         due = (self.cfg.save_every and it % self.cfg.save_every == 0) or it >= trainer.cfg.iterations
         stop = self.cfg.save_on_sigterm and _any_rank(self._stop_requested)
@@ -641,7 +696,8 @@ class Checkpointer:
         if stop:
             self._uninstall_sigterm()
             where = path or self.folder / checkpoint_name(it)
-            raise SystemExit(f"stopped by SIGTERM after saving {where}; run the same command with "
+            name = self._stop_requested or "a signal on another rank"
+            raise SystemExit(f"stopped by {name} after saving {where}; run the same command with "
                              f"--checkpoint.resume auto to continue from iteration {it}")
         return path
 
@@ -651,38 +707,50 @@ class Checkpointer:
         it = trainer.iteration
         final = self.folder / checkpoint_name(it)
         tmp = self.folder / f"{TMP_PREFIX}{checkpoint_name(it)}"
-        if self.is_main:
+        failed = f"cannot save {final}"  # every failure below is raised alike on every rank
+
+        def prepare() -> None:
             self.folder.mkdir(parents=True, exist_ok=True)
             for stale in self.folder.glob(f"{TMP_PREFIX}*"):  # left by a crash during an earlier save
                 shutil.rmtree(stale, ignore_errors=True)
             (tmp / "replay").mkdir(parents=True)
             (tmp / "rng").mkdir()
-        _barrier()
+
+        _on_main(prepare, failed)
         optimizers = _stepped_optimizers(trainer)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-            dcp.save(_model_state(trainer, optimizers), checkpoint_id=str(tmp / "model"))
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+                dcp.save(_model_state(trainer, optimizers), checkpoint_id=str(tmp / "model"))
+        except (dcp.CheckpointException, OSError) as error:  # DCP gathers every rank's failure
+            failures = getattr(error, "failures", {}).values() or [error]
+            _raise_if(sorted({_reason(f[0] if isinstance(f, tuple) else f) for f in failures}), failed)
         t_model = time.perf_counter()
-        shard = tmp / "replay" / f"rank_{self.rank:05d}.safetensors"
-        save_replay_shard(trainer.buffer, shard, rank=self.rank, world_size=self.world_size)
-        rng_tensors, rng_meta = capture_rng(trainer)
-        rng_path = tmp / "rng" / f"rank_{self.rank:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(rng_path),
-                  metadata={"json": json.dumps(rng_meta, sort_keys=True)})
-        for path in (shard, rng_path):
-            _fsync_file(path)
-        if self.is_main:
-            state = trainer_state(trainer)
-            state.update(optimizers=optimizers, world_size=self.world_size, device=str(trainer.buffer.device.type))
-            _write_atomic(tmp / TRAINER_STATE, json.dumps(state))
-        _barrier()
+
+        def write_rank_files() -> None:
+            shard = tmp / "replay" / f"rank_{self.rank:05d}.safetensors"
+            save_replay_shard(trainer.buffer, shard, rank=self.rank, world_size=self.world_size)
+            rng_tensors, rng_meta = capture_rng(trainer)
+            rng_path = tmp / "rng" / f"rank_{self.rank:05d}.safetensors"
+            save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(rng_path),
+                      metadata={"json": json.dumps(rng_meta, sort_keys=True)})
+            for path in (shard, rng_path):
+                _fsync_file(path)
+            if self.is_main:
+                state = trainer_state(trainer)
+                state.update(optimizers=optimizers, world_size=self.world_size,
+                             device=str(trainer.buffer.device.type))
+                _write_atomic(tmp / TRAINER_STATE, json.dumps(state))
+
+        _on_every_rank(write_rank_files, failed)
         # every rank checksums a share of the files; rank 0 writes the manifest and renames
         names = _broadcast(_relative_files(tmp) if self.is_main else None)
         described = {}
         for part in _all_gather(_describe_files(tmp, names[self.rank::self.world_size],
                                                 checksum=self.cfg.verify == "crc32")):
             described.update(part)
-        if self.is_main:
+
+        def publish() -> None:
             manifest = {"format": FORMAT_VERSION, "iteration": it, "world_size": self.world_size,
                         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": described}
             _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
@@ -694,7 +762,8 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
             _write_atomic(self.folder / LATEST, final.name + "\n")
             self._prune()
-        _barrier()
+
+        _on_main(publish, failed)
         self.last_saved_iteration = it
         total = time.perf_counter() - t0
         self.timings = {"save_s": total, "save_model_s": t_model - t0}
@@ -729,16 +798,19 @@ class Checkpointer:
         if mode == "auto":
             return self._first_valid(self.folder, required=False)
         path = Path(mode)
-        if (path / MANIFEST).exists() or iteration_of(path) is not None:
+        explicit = _on_main(lambda: (path / MANIFEST).exists() or iteration_of(path) is not None,
+                            f"checkpoint.resume {mode!r} cannot be read")
+        if explicit:
             problems = check_checkpoint(path, verify=self.cfg.verify)
             if problems:
                 raise CheckpointError(f"checkpoint.resume {str(path)!r} cannot be used: " + "; ".join(problems)
                                       + ". Pick another checkpoint or use --checkpoint.resume auto")
             return path
-        return self._first_valid(_checkpoint_folder_of(path), required=True)
+        folder = _on_main(lambda: _checkpoint_folder_of(path), f"checkpoint.resume {mode!r} cannot be read")
+        return self._first_valid(folder, required=True)
 
     def _first_valid(self, folder: Path, *, required: bool) -> Path | None:
-        candidates = _broadcast(resume_candidates(folder) if self.is_main else None)
+        candidates = _on_main(lambda: resume_candidates(folder), f"cannot list the checkpoints in {folder}")
         rejected = []
         for candidate in candidates:
             problems = check_checkpoint(candidate, verify=self.cfg.verify)
@@ -763,6 +835,7 @@ class Checkpointer:
 
         Called once at the start of `fit()` (before anything is logged). Also installs the SIGTERM handler.
         """
+        fault_point("resume")
         path = self.resolve()
         if path is None:
             self._fresh_start(trainer)
@@ -780,24 +853,32 @@ class Checkpointer:
         return path
 
     def _fresh_start(self, trainer) -> None:
-        if self.is_main:
-            existing = list_checkpoints(self.folder)
-            if existing:
-                aside = self.folder / time.strftime("replaced-%Y%m%d-%H%M%S")
-                aside.mkdir()
-                for path in existing:
-                    os.replace(path, aside / path.name)
-                (self.folder / LATEST).unlink(missing_ok=True)
-                self.log(f"checkpoint: starting fresh (checkpoint.resume {self.cfg.resume}); the {len(existing)} "
-                         f"checkpoint(s) already in {self.folder} were moved to {aside}")
-            if self.cfg.resume == "auto":  # rows of an attempt that died before its first checkpoint
-                _rewrite_metrics(self.run_dir / "metrics.jsonl", [])
-        _barrier()
+        _on_main(self._set_aside_earlier_run, f"cannot start fresh in {self.run_dir}")
+
+    def _set_aside_earlier_run(self) -> None:
+        """Rank 0: move an earlier run's checkpoints (and, with `none`, its metrics) aside; delete nothing."""
+        existing = list_checkpoints(self.folder)
+        if existing:
+            aside = self.folder / time.strftime("replaced-%Y%m%d-%H%M%S")
+            aside.mkdir()
+            for path in existing:
+                os.replace(path, aside / path.name)
+            (self.folder / LATEST).unlink(missing_ok=True)
+            self.log(f"checkpoint: starting fresh (checkpoint.resume {self.cfg.resume}); the {len(existing)} "
+                     f"checkpoint(s) already in {self.folder} were moved to {aside}")
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.cfg.resume == "auto":  # rows of an attempt that died before its first checkpoint
+            _rewrite_metrics(metrics, [])
+        elif (kept := set_aside_metrics(metrics)) is not None:
+            self.log(f"checkpoint: starting fresh; the earlier run's metrics were moved to {kept}")
 
     def _set_aside_newer(self, path: Path, iteration: int) -> None:
         """Checkpoints in this run folder newer than the one resumed from belong to an abandoned
         stretch of the run (or were unusable): move them aside so saves and `auto` never mix them in."""
-        if self.is_main and path.parent.resolve() == self.folder.resolve():
+
+        def move_newer() -> None:
+            if path.parent.resolve() != self.folder.resolve():
+                return
             newer = [p for p in list_checkpoints(self.folder) if iteration_of(p) > iteration]
             if newer:
                 aside = self.folder / time.strftime("set-aside-%Y%m%d-%H%M%S")
@@ -806,11 +887,13 @@ class Checkpointer:
                     os.replace(p, aside / p.name)
                 _write_atomic(self.folder / LATEST, path.name + "\n")
                 self.log(f"checkpoint: moved {len(newer)} checkpoint(s) newer than {path.name} to {aside}")
-        _barrier()
+
+        _on_main(move_newer, f"cannot set aside the checkpoints newer than {path}")
 
     def load(self, trainer, path: Path) -> None:
         """Load checkpoint `path` into `trainer` (no validation, no pointer changes; restore() does those)."""
-        state = json.loads((path / TRAINER_STATE).read_text())
+        state = _on_every_rank(lambda: json.loads((path / TRAINER_STATE).read_text()),
+                               f"cannot read {path / TRAINER_STATE}")
         current = json.loads(json.dumps(_config_dict(trainer.cfg)))  # tuples → lists, as in the saved copy
         self._check_config(path, state["config"], current)
         saved_world = int(state["world_size"])
@@ -832,20 +915,8 @@ class Checkpointer:
         for name in state["optimizers"]:
             set_optimizer_state_dict(modules[name], getattr(trainer, name), model_state[name])
         self._apply_hyperparameters(trainer, hyper)
-        # replay
-        if same_world:
-            load_replay_shard(trainer.buffer, path / "replay" / f"rank_{self.rank:05d}.safetensors")
-        else:
-            shards = [path / "replay" / f"rank_{k:05d}.safetensors" for k in range(saved_world)]
-            redistribute_replay(trainer.buffer, shards, self.rank, self.world_size)
-        # random streams
-        if same_world and same_device:
-            rng_file = path / "rng" / f"rank_{self.rank:05d}.safetensors"
-            with safe_open(str(rng_file), framework="pt") as f:
-                meta = json.loads(f.metadata()["json"])
-            restore_rng(trainer, load_file(str(rng_file)), meta)
-        else:
-            reseed_rng(trainer, trainer.cfg.seed, self.rank, int(state["iteration"]))
+        _on_every_rank(lambda: self._load_rank_files(trainer, path, saved_world, same_device, state),
+                       f"cannot load the replay or random-state files of {path}")
         # counters, baselines, metric history
         trainer.iteration = int(state["iteration"])
         trainer.random_baseline = state.get("random_baseline")
@@ -854,12 +925,28 @@ class Checkpointer:
         if getattr(trainer, "guard", None) is not None and state.get("guard") is not None:
             trainer.guard.load_state_dict(state["guard"])
         logger = getattr(trainer, "logger", None)
-        if logger is not None and self.is_main:
+        if logger is not None:
             logger.history = list(state["history"])
-            _rewrite_metrics(self.run_dir / "metrics.jsonl", logger.history)
+            _on_main(lambda: _rewrite_metrics(self.run_dir / "metrics.jsonl", logger.history),
+                     f"cannot rewrite {self.run_dir / 'metrics.jsonl'}")
         if hasattr(trainer, "sync_engine"):
             trainer.sync_engine()  # the rollout engine's copy of the policy
         _barrier()
+
+    def _load_rank_files(self, trainer, path: Path, saved_world: int, same_device: bool, state: dict) -> None:
+        """This rank's replay shard (or its share of all of them) and random streams."""
+        if saved_world == self.world_size:
+            load_replay_shard(trainer.buffer, path / "replay" / f"rank_{self.rank:05d}.safetensors")
+        else:
+            shards = [path / "replay" / f"rank_{k:05d}.safetensors" for k in range(saved_world)]
+            redistribute_replay(trainer.buffer, shards, self.rank, self.world_size)
+        if saved_world == self.world_size and same_device:
+            rng_file = path / "rng" / f"rank_{self.rank:05d}.safetensors"
+            with safe_open(str(rng_file), framework="pt") as f:
+                meta = json.loads(f.metadata()["json"])
+            restore_rng(trainer, load_file(str(rng_file)), meta)
+        else:
+            reseed_rng(trainer, trainer.cfg.seed, self.rank, int(state["iteration"]))
 
     def _apply_hyperparameters(self, trainer, before: dict) -> None:
         """Keep this run's learning rate and weight decay (a resume may lower the lr on purpose)."""
@@ -885,24 +972,30 @@ class Checkpointer:
             self.log("checkpoint: resuming with changed settings: " +
                      ", ".join(f"{k} {a!r} → {b!r}" for k, a, b in changed))
 
-    # ------------------------------------------------------------------ SIGTERM
+    # ------------------------------------------------------------------ SIGTERM and SIGINT
 
     def _install_sigterm(self) -> None:
+        """SIGTERM (preemption, torchrun stopping the group, the launcher's death) and SIGINT (Ctrl-C, which
+        torchrun passes on) both save at the end of the iteration and stop."""
         if not self.cfg.save_on_sigterm or self._previous_handler is not None:
             return
         try:
-            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous_handler = {sig: signal.signal(sig, self._on_sigterm) for sig in STOP_SIGNALS}
         except ValueError:  # not the main thread: leave signals alone
             self._previous_handler = None
 
     def _uninstall_sigterm(self) -> None:
         if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
+            for sig, handler in self._previous_handler.items():
+                signal.signal(sig, handler)
             self._previous_handler = None
 
     def _on_sigterm(self, signum, frame) -> None:
-        self._stop_requested = True
-        print(f"[rank {self.rank}] SIGTERM: saving a checkpoint at the end of this iteration, then stopping",
+        name = signal.Signals(signum).name
+        if self._stop_requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
+            raise KeyboardInterrupt
+        self._stop_requested = self._stop_requested or name
+        print(f"[rank {self.rank}] {name}: saving a checkpoint at the end of this iteration, then stopping",
               flush=True)
 
 

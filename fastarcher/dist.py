@@ -2,12 +2,19 @@
 
 `init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); without it the run
 is a single process and no process group is created. gloo on CPU, nccl on CUDA.
+
+Failure handling (docs/checkpointing.md): `exit_with_launcher()` makes a worker stop when torchrun dies,
+and `exit_now()` ends a failed rank without a barrier, so peers blocked in a collective fail at once
+instead of waiting for it forever.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import signal
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,15 +52,71 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        store = _attempt_store(world_size)
+        where = {"store": store, "rank": rank, "world_size": world_size} if store is not None else {}
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None, **where)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+def _attempt_store(world_size: int):
+    """torchrun's shared rendezvous store seen through a key prefix of this restart attempt, or None.
+
+    Under `torchrun --max-restarts` the agent's store outlives the workers and still holds the first
+    attempt's keys (the gloo addresses of dead processes): a restarted group that reads them cannot
+    connect and hangs. torch's own workaround, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, must be set in the
+    agent's environment; a prefix per attempt works from the worker side with no variable at all.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+    return dist.PrefixStore(f"fastarcher/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def shutdown_distributed() -> None:
+    """End of a successful run only: the error path must not wait for peers (see exit_now)."""
     if dist.is_initialized():
         # A barrier first: gloo can abort at exit when one rank tears down while the other still talks.
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_now(status: int) -> None:
+    """End this process at once: no barrier, no process-group teardown, no exit handlers.
+
+    A peer blocked in a collective with this rank then gets a connection error within seconds (gloo; NCCL
+    through its watchdog) instead of waiting for the collective timeout.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def peer_failure(error: BaseException) -> bool:
+    """True when `error` is a collective failing because another rank went away (its own message says why)."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                      "Connection refused", "gloo/transport")))
+
+
+PR_SET_PDEATHSIG = 1
+"""prctl option: the signal this process gets when its parent ends (linux/prctl.h)."""
+
+
+def exit_with_launcher() -> None:
+    """Under torchrun, get SIGTERM when the launcher dies (Linux), so no orphan keeps writing the run folder.
+
+    SIGTERM then takes the save-and-stop path (or ends the process before the handler is installed). A
+    launcher that died before this call is caught by the parent-pid check.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return  # not allowed here (seccomp): run on without it
+    if os.getppid() != parent:
+        raise SystemExit("launcher error: torchrun exited while this worker was starting; not starting the run")
 
 
 def seed_everything(seed: int) -> None:
@@ -86,3 +149,15 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+FAULT_ENV = "FASTARCHER_TEST_FAULT"
+"""Test hook: '<rank>:<point>' makes that rank raise at that point (first torchrun attempt only)."""
+
+
+def fault_point(point: str) -> None:
+    """Raise here if FASTARCHER_TEST_FAULT asks for it; lets tests fail one rank while its peers run on."""
+    spec = os.environ.get(FAULT_ENV)
+    rank = os.environ.get("RANK", "0")
+    if spec == f"{rank}:{point}" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        raise RuntimeError(f"injected fault at {point!r} on rank {rank} ({FAULT_ENV})")

@@ -1,13 +1,15 @@
 """Run outputs: console progress (rich), metrics.jsonl, optional wandb, and the learning-curve plot.
 
 Only rank 0 writes. `metrics.jsonl` holds one JSON object per line: {"iteration": i, key: value, ...};
-evaluation rows carry `eval/*` keys.
+evaluation rows carry `eval/*` keys. It is opened at the first row, after the checkpointer has decided
+what the run continues (a resume rewrites it, a fresh start moves an earlier run's file aside).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -38,7 +40,7 @@ class RunLogger:
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.run_dir / "metrics.jsonl", "a")
+        self._file = None  # opened at the first row
         if progress:
             self._progress = Progress(
                 TextColumn("[bold]iteration"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -61,6 +63,8 @@ class RunLogger:
             return
         row = {"iteration": iteration, **metrics}
         self.history.append(row)
+        if self._file is None:
+            self._file = open(self.run_dir / "metrics.jsonl", "a")
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._wandb is not None:
@@ -78,9 +82,25 @@ class RunLogger:
             return
         if self._progress is not None:
             self._progress.stop()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def set_aside_metrics(path: str | Path) -> Path | None:
+    """Rename a non-empty metrics file to metrics.<time>.jsonl beside it (a fresh start keeps the old rows);
+    returns the new path, or None when there was nothing to keep."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    kept, n = path.with_name(f"{path.stem}.{stamp}.jsonl"), 1
+    while kept.exists():  # two fresh starts within a second
+        kept, n = path.with_name(f"{path.stem}.{stamp}-{n}.jsonl"), n + 1
+    os.replace(path, kept)
+    return kept
 
 
 def plot_learning_curves(history: list[dict], path: str | Path, *, random_success: float | None = None,

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import tyro
 import yaml
@@ -88,6 +89,9 @@ def config_exit(error: Exception) -> SystemExit:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from fastarcher.dist import exit_with_launcher
+
+    exit_with_launcher()  # first: a worker must never outlive a killed torchrun
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = parse_config(argv)
@@ -95,27 +99,57 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as error:
         raise config_exit(error) from None
 
-    from fastarcher.checkpoint import CheckpointError
+    import torch.distributed
+
     from fastarcher.dist import init_distributed, shutdown_distributed
-    from fastarcher.guards import NonFiniteLossError
-    from fastarcher.trainer import Trainer
 
     info = init_distributed(cfg.device)
+    try:
+        summary = run(cfg, info)
+    except BaseException as error:
+        if info.distributed and torch.distributed.is_initialized():  # peers may wait in a collective
+            stop_every_rank(error, info.rank)  # never returns
+        raise
+    shutdown_distributed()  # success only: a barrier here would hang beside a failed peer
+    return summary
+
+
+def run(cfg: TrainConfig, info) -> dict:
+    """Validate, claim the run folder, train, save, write the summary; raises SystemExit(message) for the
+    errors every rank meets alike (config, run folder, checkpoint, numerical, stop signal)."""
+    from fastarcher.checkpoint import CheckpointError
+    from fastarcher.dist import broadcast_object
+    from fastarcher.guards import NonFiniteLossError
+    from fastarcher.run_folder import RunLock, run_folder_problem
+    from fastarcher.trainer import Trainer
+
+    try:
+        cfg.validate(world_size=info.world_size)
+    except ValueError as error:
+        raise SystemExit(f"config error: {error}") from None
+    # Rank 0 checks and locks the folder before the model is built; every rank learns the outcome.
+    lock = RunLock(cfg.log.run_dir)
+    problem = (run_folder_problem(cfg.log.run_dir) or lock.acquire()) if info.is_main else None
+    problem = broadcast_object(problem)
+    if problem:
+        raise SystemExit(f"run folder error: {problem}")
     try:
         try:
             trainer = Trainer(cfg, info)
         except ValueError as error:
             raise config_exit(error) from None
         if info.is_main:
-            trainer.run_dir.mkdir(parents=True, exist_ok=True)
             (trainer.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         started = time.perf_counter()
         try:
             summary = trainer.fit()
-        except (CheckpointError, NonFiniteLossError) as error:  # raised on every rank alike
-            kind = "checkpoint" if isinstance(error, CheckpointError) else "numerical"
-            raise SystemExit(f"{kind} error: {error}") from None
-        trainer.save_final()
+            trainer.save_final()
+        except BaseException as error:
+            trainer.logger.close()  # stop the progress display before the error is printed
+            if isinstance(error, (CheckpointError, NonFiniteLossError)):  # raised on every rank alike
+                kind = "checkpoint" if isinstance(error, CheckpointError) else "numerical"
+                raise SystemExit(f"{kind} error: {error}") from None
+            raise
         trainer.finish(summary)
         summary["wall_seconds"] = time.perf_counter() - started
         if info.is_main:
@@ -123,7 +157,40 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.logger.print(format_summary(summary, str(trainer.run_dir)))
         return summary
     finally:
-        shutdown_distributed()
+        lock.release()
+
+
+def stop_every_rank(error: BaseException, rank: int) -> None:
+    """One line for `error`, then end this rank without waiting for the others.
+
+    A SystemExit message is met by every rank alike and printed by rank 0 only. Anything else happened on
+    this rank alone (its traceback is printed for a bug), or is a collective failing because a peer went
+    away; the peer said why, this rank only says that it stops.
+    """
+    from fastarcher.dist import exit_now, peer_failure
+
+    if isinstance(error, SystemExit):
+        message, status = (error.code, 1) if isinstance(error.code, str) else (None, error.code or 0)
+        if message and rank == 0:
+            print(message, file=sys.stderr)
+    elif isinstance(error, KeyboardInterrupt):
+        print(f"[rank {rank}] interrupted (SIGINT); nothing saved", file=sys.stderr)
+        status = 130
+    elif peer_failure(error):
+        print(f"[rank {rank}] stopping: another process of the run failed (its message is above): "
+              f"{_last_line(error)}", file=sys.stderr)
+        status = 1
+    else:
+        traceback.print_exception(error)
+        print(f"error on rank {rank}: {type(error).__name__}: {_last_line(error)}; stopping every process",
+              file=sys.stderr)
+        status = 1
+    exit_now(status)
+
+
+def _last_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def format_summary(summary: dict, run_dir: str) -> str:

@@ -21,9 +21,8 @@ TIMEOUT=${TIMEOUT:-600}
 LOG="$RUN_DIR.log"
 rm -rf "$RUN_DIR" "$LOG"
 
-# The rendezvous store torchrun shares with the workers keeps the first attempt's gloo addresses, so a
-# restarted group would dial dead ports ("Connection refused"); a fresh store per attempt avoids that.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+# No TORCH_DISABLE_SHARE_RDZV_TCP_STORE needed: the workers key each attempt apart in torchrun's shared
+# rendezvous store (fastarcher/dist.py); set it to 1 to test torch's own workaround instead.
 export COLUMNS=${COLUMNS:-200}  # rich wraps log lines at 80 columns when not on a terminal
 OMP_NUM_THREADS=1 timeout "$TIMEOUT" torchrun --standalone --nproc-per-node="$NPROC" --max-restarts="$MAX_RESTARTS" \
   -m fastarcher.train --config configs/tiny_cpu.yaml --iterations "$ITERATIONS" --rollout.num-envs 8 \
