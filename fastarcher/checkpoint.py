@@ -41,6 +41,7 @@ sync_engine() (called after a restore so the rollout engine holds the restored p
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -67,6 +68,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from fastarcher.guards import largest_parameter
 
 FORMAT_VERSION = 1
 """Bumped when the layout changes; older checkpoints are refused with a message."""
@@ -367,6 +370,16 @@ def _model_state(trainer, optimizers: list[str]) -> dict[str, Any]:
     return state
 
 
+def _refuse_non_finite(trainer, folder: Path, iteration: int) -> None:
+    """The guards stop a run before diverged weights get here; this is the last line (collective)."""
+    bad = [name for name in ("policy", "critic", "target")
+           if not math.isfinite(largest_parameter(getattr(trainer, name).parameters()))]
+    if bad:
+        raise CheckpointError(f"refusing to save iteration {iteration}: the {', '.join(bad)} weights are not finite "
+                              f"(NaN/Inf); the checkpoints already in {folder} are untouched, resume from the last "
+                              f"one with --checkpoint.resume auto and a lower learning rate")
+
+
 def _stepped_optimizers(trainer) -> list[str]:
     return [name for name in ("actor_opt", "critic_opt") if getattr(trainer, name).state]
 
@@ -569,6 +582,7 @@ class Checkpointer:
         """Write a complete checkpoint of the current iteration and point `latest` at it."""
         t0 = time.perf_counter()
         it = trainer.iteration
+        _refuse_non_finite(trainer, self.folder, it)
         final = self.folder / checkpoint_name(it)
         tmp = self.folder / f"{TMP_PREFIX}{checkpoint_name(it)}"
         if self.is_main:

@@ -15,12 +15,21 @@ drift apart. This is one host sync per optimizer step (the flag is read on the h
 
 The skipped step leaves parameters and optimizer state (Adam moments, step counter) untouched and
 drops the gradients.
+
+A finite gradient can still wreck the weights (a learning rate of inf or 1e30): after every step taken,
+the largest |w| of the optimizer's parameters is checked (one fused foreach reduction, one tiny
+all-reduce, one host sync); NaN/Inf or more than `guard.max_param_abs` stops the run at once with
+`NonFiniteParametersError`, before the weights reach the target critic, the rollout engine or a
+checkpoint. Stopping rather than rolling back: a rollback needs a copy of every parameter and Adam moment
+before each step (3× the parameter memory), and a step that diverges with a finite gradient will diverge
+again with the same settings, so the useful outcome is a clear stop and a resume with other settings.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -29,6 +38,34 @@ from torch import Tensor, nn
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+class NonFiniteParametersError(NonFiniteLossError):
+    """An optimizer step left NaN/Inf or diverged (beyond guard.max_param_abs) parameters."""
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def largest_parameter(params: Iterable[Tensor]) -> float:
+    """max |w| over the given parameters on every rank: NaN if any is NaN, inf if any is ±inf.
+
+    The inf-norm never overflows (a 2-norm of 1e30-sized weights would read inf in fp32). FSDP2 shards
+    are reduced locally, then one all-reduce(MAX) of (max |w|, NaN flag) joins the ranks; MAX would not
+    reliably carry a NaN, hence the flag. One host sync."""
+    params = [p.detach() for p in params]
+    device = params[0].device if params else torch.device("cpu")
+    local = [t for t in map(_local, params) if t.numel()]
+    values = torch.zeros(2, device=device)  # (max |w|, any NaN)
+    if local:
+        norms = torch.stack([n.float() for n in torch._foreach_norm(local, float("inf"))])
+        values = torch.stack([norms.masked_fill(norms.isnan(), math.inf).max(), norms.isnan().any().float()])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    largest, has_nan = values.tolist()  # sync point
+    return math.nan if has_nan else largest
 
 
 @dataclass
@@ -83,12 +120,26 @@ class StepGuard:
         if finite:
             optimizer.step()
             counters.consecutive = 0
+            self._check_parameters(name, optimizer, counters, iteration)
         else:
             counters.skipped += 1
             counters.consecutive += 1
             self._on_skip(name, counters, float(values[0]), float(values[1]), iteration)
         optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def _check_parameters(self, name: str, optimizer: torch.optim.Optimizer, counters: _Counters,
+                          iteration: int) -> None:
+        largest = largest_parameter(p for group in optimizer.param_groups for p in group["params"])
+        limit = self.cfg.max_param_abs
+        if math.isfinite(largest) and (not limit or largest <= limit):
+            return
+        bound = f"beyond guard.max_param_abs = {limit:.3g}" if math.isfinite(largest) else "not finite"
+        raise NonFiniteParametersError(
+            f"stopping: {name} parameters reach |w| = {largest:.3g} ({bound}) after the {name} optimizer step at "
+            f"iteration {iteration} ({name} step {counters.steps}); the step diverged although loss and gradient "
+            f"were finite, and nothing from it was saved. Lower optim.{name}_lr or set optim.{name}_grad_clip, "
+            f"then resume from the last checkpoint with --checkpoint.resume auto")
 
     def _on_skip(self, name: str, counters: _Counters, loss: float, norm: float, iteration: int) -> None:
         limit = self.cfg.max_consecutive_skips
@@ -113,4 +164,7 @@ class StepGuard:
         return {name: vars(c).copy() for name, c in self.counters.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.counters = {name: _Counters(**values) for name, values in state.items()}
+        """Totals carry over; the run of consecutive skips starts again at 0. A resume is a new attempt
+        (usually after a stop, with other settings): a count carried over from just before the stop
+        would end it again within a step or two, before the new settings could show anything."""
+        self.counters = {name: _Counters(**{**values, "consecutive": 0}) for name, values in state.items()}
