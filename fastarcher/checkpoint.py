@@ -41,7 +41,6 @@ sync_engine() (called after a restore so the rollout engine holds the restored p
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import random
@@ -69,7 +68,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from fastarcher.guards import largest_parameter
+from fastarcher.guards import parameters_within
 
 FORMAT_VERSION = 1
 """Bumped when the layout changes; older checkpoints are refused with a message."""
@@ -373,7 +372,7 @@ def _model_state(trainer, optimizers: list[str]) -> dict[str, Any]:
 def _refuse_non_finite(trainer, folder: Path, iteration: int) -> None:
     """The guards stop a run before diverged weights get here; this is the last line (collective)."""
     bad = [name for name in ("policy", "critic", "target")
-           if not math.isfinite(largest_parameter(getattr(trainer, name).parameters()))]
+           if not parameters_within(getattr(trainer, name).parameters(), 0.0)[0]]
     if bad:
         raise CheckpointError(f"refusing to save iteration {iteration}: the {', '.join(bad)} weights are not finite "
                               f"(NaN/Inf); the checkpoints already in {folder} are untouched, resume from the last "

@@ -15,7 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastarcher.config import GuardConfig
-from fastarcher.guards import NonFiniteLossError, NonFiniteParametersError, StepGuard, largest_parameter
+from fastarcher.guards import (
+    NonFiniteLossError, NonFiniteParametersError, StepGuard, largest_parameter, parameters_within,
+)
 
 
 def _model_and_opt(seed: int = 0):
@@ -176,7 +178,7 @@ def test_a_step_that_makes_parameters_huge_stops_the_run_at_the_configured_limit
     loss.backward()
     StepGuard(GuardConfig(max_param_abs=1e31), log=lambda m: None).check_and_step(
         "actor", model, opt, max_norm=1.0, iteration=0, loss=loss)
-    assert 1e29 < largest_parameter(model.parameters()) < 1e31
+    assert 1e29 < largest_parameter(list(model.parameters())) < 1e31
 
 
 def test_largest_parameter_is_the_max_abs_and_nan_wins():
@@ -184,6 +186,14 @@ def test_largest_parameter_is_the_max_abs_and_nan_wins():
     assert largest_parameter([a, b, torch.zeros(0)]) == 7.0
     assert largest_parameter([a, torch.tensor([float("-inf")])]) == float("inf")
     assert math.isnan(largest_parameter([torch.tensor([float("inf")]), torch.tensor([float("nan"), 1.0])]))
+
+
+def test_parameter_check_tells_overflow_of_the_norm_from_infinite_weights():
+    normal, huge = [torch.full((3,), 0.5)], [torch.full((3,), 1e30)]  # ‖huge‖₂ overflows fp32: inf
+    assert parameters_within(normal, 1e6) == (True, pytest.approx(0.5 * 3 ** 0.5))  # fast path: the 2-norm
+    assert parameters_within(huge, 0.0) == (True, pytest.approx(1e30))  # finite, no limit
+    assert parameters_within(huge, 1e6) == (False, pytest.approx(1e30))
+    assert parameters_within([torch.tensor([1.0, float("inf")])], 0.0) == (False, float("inf"))
 
 
 def test_resume_resets_the_consecutive_count_and_keeps_the_totals():
