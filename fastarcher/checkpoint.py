@@ -75,6 +75,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from fastarcher.dist import fault_point
+from fastarcher.guards import parameters_within
 from fastarcher.logging import set_aside_metrics
 from fastarcher.replay import ShardFile, load_shard, redistribute, save_shard
 
@@ -530,6 +531,16 @@ def _model_state(trainer, optimizers: list[str]) -> dict[str, Any]:
     return state
 
 
+def _refuse_non_finite(trainer, folder: Path, iteration: int) -> None:
+    """The guards stop a run before diverged weights get here; this is the last line (collective)."""
+    bad = [name for name in ("policy", "critic", "target")
+           if not parameters_within(getattr(trainer, name).parameters(), 0.0)[0]]
+    if bad:
+        raise CheckpointError(f"refusing to save iteration {iteration}: the {', '.join(bad)} weights are not finite "
+                              f"(NaN/Inf); the checkpoints already in {folder} are untouched, resume from the last "
+                              f"one with --checkpoint.resume auto and a lower learning rate")
+
+
 def _stepped_optimizers(trainer) -> list[str]:
     return [name for name in ("actor_opt", "critic_opt") if getattr(trainer, name).state]
 
@@ -705,6 +716,7 @@ class Checkpointer:
         """Write a complete checkpoint of the current iteration and point `latest` at it."""
         t0 = time.perf_counter()
         it = trainer.iteration
+        _refuse_non_finite(trainer, self.folder, it)
         final = self.folder / checkpoint_name(it)
         tmp = self.folder / f"{TMP_PREFIX}{checkpoint_name(it)}"
         failed = f"cannot save {final}"  # every failure below is raised alike on every rank

@@ -222,9 +222,11 @@ class GuardConfig:
     """Skip an optimizer step whose loss or gradient norm is NaN/Inf (costs one host sync per step)."""
     max_consecutive_skips: int = 10
     """Stop the run after this many skipped steps in a row of one optimizer (0 = never stop)."""
+    max_param_abs: float = 1e6
+    """Stop the run when a step leaves any parameter with |w| above this, or NaN/Inf (0 = NaN/Inf only)."""
 
     def validate(self) -> None:
-        _non_negative(self, "guard", "max_consecutive_skips")
+        _non_negative(self, "guard", "max_consecutive_skips", "max_param_abs")
 
 
 @dataclass(kw_only=True)

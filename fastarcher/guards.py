@@ -15,12 +15,22 @@ drift apart. This is one host sync per optimizer step (the flag is read on the h
 
 The skipped step leaves parameters and optimizer state (Adam moments, step counter) untouched and
 drops the gradients.
+
+A finite gradient can still wreck the weights (a learning rate of inf or 1e30): after every step taken,
+the optimizer's parameters are checked (their global 2-norm bounds every |w|: one fused foreach
+reduction, one tiny all-reduce, one host sync; the exact max |w| only when that bound is exceeded);
+NaN/Inf or |w| above `guard.max_param_abs` stops the run at once with
+`NonFiniteParametersError`, before the weights reach the target critic, the rollout engine or a
+checkpoint. Stopping rather than rolling back: a rollback needs a copy of every parameter and Adam moment
+before each step (3× the parameter memory), and a step that diverges with a finite gradient will diverge
+again with the same settings, so the useful outcome is a clear stop and a resume with other settings.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -29,6 +39,60 @@ from torch import Tensor, nn
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+class NonFiniteParametersError(NonFiniteLossError):
+    """An optimizer step left NaN/Inf or diverged (beyond guard.max_param_abs) parameters."""
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _all_reduce(values: Tensor, op) -> Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=op)
+    return values
+
+
+def parameter_norm(params: list[Tensor]) -> float:
+    """Global 2-norm of the parameters on every rank: one fused foreach reduction per device and dtype,
+    squares summed over the local FSDP2 shards, one all-reduce(SUM), one host sync. NaN/Inf propagate;
+    it also reads inf once the squares overflow fp32 (|w| beyond ~1e19)."""
+    local = [t for t in map(_local, params) if t.numel()]
+    device = params[0].device if params else torch.device("cpu")
+    squares = torch.zeros((), device=device)
+    if local:
+        squares = torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32)).square().sum()
+    return float(_all_reduce(squares, dist.ReduceOp.SUM).sqrt())  # sync point
+
+
+def largest_parameter(params: list[Tensor]) -> float:
+    """max |w| over the parameters on every rank: NaN if any is NaN, inf if any is ±inf. Exact where the
+    2-norm overflows, but ~5× slower on CPU than `parameter_norm`, so only the slow path of the check.
+    One all-reduce(MAX) of (max |w|, NaN flag): MAX does not reliably carry a NaN, hence the flag."""
+    local = [t for t in map(_local, params) if t.numel()]
+    device = params[0].device if params else torch.device("cpu")
+    values = torch.zeros(2, device=device)  # (max |w|, any NaN)
+    if local:
+        norms = torch.stack([n.float() for n in torch._foreach_norm(local, math.inf)])
+        values = torch.stack([norms.masked_fill(norms.isnan(), math.inf).max(), norms.isnan().any().float()])
+    largest, has_nan = _all_reduce(values, dist.ReduceOp.MAX).tolist()  # sync point
+    return math.nan if has_nan else largest
+
+
+def parameters_within(params: Iterable[Tensor], limit: float) -> tuple[bool, float]:
+    """(every parameter finite and |w| ≤ limit (0 = finite only), a value for the message).
+
+    max |w| ≤ ‖w‖₂, so a finite 2-norm within the limit settles it with one cheap reduction (the usual
+    case); only otherwise is the exact max |w| taken, which also tells overflow of the norm from Inf."""
+    params = [p.detach() for p in params]
+    norm = parameter_norm(params)
+    if math.isfinite(norm) and (not limit or norm <= limit):
+        return True, norm
+    largest = largest_parameter(params)
+    return math.isfinite(largest) and (not limit or largest <= limit), largest
 
 
 @dataclass
@@ -83,12 +147,26 @@ class StepGuard:
         if finite:
             optimizer.step()
             counters.consecutive = 0
+            self._check_parameters(name, optimizer, counters, iteration)
         else:
             counters.skipped += 1
             counters.consecutive += 1
             self._on_skip(name, counters, float(values[0]), float(values[1]), iteration)
         optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def _check_parameters(self, name: str, optimizer: torch.optim.Optimizer, counters: _Counters,
+                          iteration: int) -> None:
+        limit = self.cfg.max_param_abs
+        ok, largest = parameters_within((p for group in optimizer.param_groups for p in group["params"]), limit)
+        if ok:
+            return
+        bound = f"beyond guard.max_param_abs = {limit:.3g}" if math.isfinite(largest) else "not finite"
+        raise NonFiniteParametersError(
+            f"stopping: {name} parameters reach |w| = {largest:.3g} ({bound}) after the {name} optimizer step at "
+            f"iteration {iteration} ({name} step {counters.steps}); the step diverged although loss and gradient "
+            f"were finite, and nothing from it was saved. Lower optim.{name}_lr or set optim.{name}_grad_clip, "
+            f"then resume from the last checkpoint with --checkpoint.resume auto")
 
     def _on_skip(self, name: str, counters: _Counters, loss: float, norm: float, iteration: int) -> None:
         limit = self.cfg.max_consecutive_skips
@@ -113,4 +191,7 @@ class StepGuard:
         return {name: vars(c).copy() for name, c in self.counters.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.counters = {name: _Counters(**values) for name, values in state.items()}
+        """Totals carry over; the run of consecutive skips starts again at 0. A resume is a new attempt
+        (usually after a stop, with other settings): a count carried over from just before the stop
+        would end it again within a step or two, before the new settings could show anything."""
+        self.counters = {name: _Counters(**{**values, "consecutive": 0}) for name, values in state.items()}

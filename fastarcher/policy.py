@@ -34,9 +34,14 @@ def action_logprobs(
     constraint: ActionConstraint | None = None,
     backend: str = "auto",
     per_token: bool = False,
+    sampled_len: Tensor | None = None,  # (B,)
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (logprob_sum (B,), token_entropy (B, A), action_mask (B, A)); entropy is 0 on padding.
-    With per_token=True the first value is the per-token log π (B, A) instead of its sum (0 on padding)."""
+    With per_token=True the first value is the per-token log π (B, A) instead of its sum (0 on padding).
+
+    sampled_len: how many leading tokens of each action the policy sampled (default: all of action_len).
+    Only those are scored (and in the returned mask): a stop token appended to close an utterance cut at
+    max_new_tokens was never drawn from π, so its log-prob is no part of the action's likelihood."""
     batch, width_a = action_ids.shape
     state = left_align(state_ids, state_len, pad_id)
     ids = torch.cat([state, action_ids], dim=1)  # (B, S + A)
@@ -51,10 +56,11 @@ def action_logprobs(
     if constraint is not None:
         allowed = constraint.masks_for(action_ids, action_len)
         logits = logits.masked_fill(~allowed, float("-inf"))
-    targets = action_ids.masked_fill(~action_mask, -100)
+    scored = action_mask if sampled_len is None else positions_a[None, :] < sampled_len[:, None]  # (B, A)
+    targets = action_ids.masked_fill(~scored, -100)
     logp, entropy = token_logprobs_and_entropy(
         logits.reshape(batch * width_a, -1), targets.reshape(-1), ignore_index=-100, backend=backend
     )
     logp = logp.view(batch, width_a)
     entropy = entropy.view(batch, width_a)
-    return (logp if per_token else logp.sum(-1)), entropy, action_mask
+    return (logp if per_token else logp.sum(-1)), entropy, scored

@@ -163,15 +163,18 @@ class Trainer:
                              params=self.sampling_params(greedy), generator=self.sample_gen,
                              context_tokens=self.cfg.rollout.context_tokens)
 
-    def fresh_actions(self, states: TransitionBatch) -> tuple[Tensor, Tensor, int]:
-        """a′ ~ π(·|s) for every state of the batch, in as few engine calls as max_batch allows."""
+    def fresh_actions(self, states: TransitionBatch) -> tuple[Tensor, Tensor, Tensor, int]:
+        """a′ ~ π(·|s) for every state of the batch, in as few engine calls as max_batch allows:
+        (action ids, action lengths, sampled lengths, engine calls). An utterance cut at max_new_tokens
+        is closed with a stop token that was not sampled; its sampled length leaves that token out."""
         ids, lens = states.state_ids.tolist(), states.state_len.tolist()
         prompts = [row[:n] for row, n in zip(ids, lens)]
         out = self.engine.generate(prompts, self.sampling_params(), self.sample_gen)
         actions = [close_utterance(a, self.stop_id) for a in out.token_ids]
         action_ids, action_len = pad_rows(actions, self.pad_id)
+        sampled_len = torch.tensor([len(a) for a in out.token_ids], dtype=torch.long)
         calls = math.ceil(len(prompts) / self.engine.max_batch)
-        return action_ids.to(self.device), action_len.to(self.device), calls
+        return action_ids.to(self.device), action_len.to(self.device), sampled_len.to(self.device), calls
 
     def sync_engine(self) -> float:
         return sync_weights(self.policy, self.engine, self.cfg.rollout.sync_bucket_mb << 20)["seconds"]
@@ -183,7 +186,7 @@ class Trainer:
         a = self.cfg.archer
         micro = a.critic_epochs * a.grad_accum
         batch = self.buffer.sample(a.batch_size * micro, self.buffer_gen)
-        fresh_ids, fresh_len, calls = self.fresh_actions(batch)
+        fresh_ids, fresh_len, _, calls = self.fresh_actions(batch)
         bag.add({"count/fresh_generate_calls": float(calls)})
         for step in range(a.critic_epochs):
             for k in range(a.grad_accum):
@@ -213,15 +216,19 @@ class Trainer:
         """ArCHer actor steps; returns the seconds spent syncing the engine after each step."""
         a = self.cfg.archer
         sync_s = 0.0
+        # a critic on the shared policy backbone (critic.backbone_grad) leaves its gradients there, and
+        # the critic optimizer does not own the backbone: drop them so the actor steps its own loss only
+        self.actor_opt.zero_grad(set_to_none=True)
         for epoch in range(a.actor_epochs):
             step = (self.iteration - a.warmup_iterations) * a.actor_epochs + epoch  # actor step index of the traces
             batch = self.buffer.sample(a.batch_size * a.grad_accum, self.buffer_gen)
-            fresh_ids, fresh_len, calls = self.fresh_actions(batch)
+            fresh_ids, fresh_len, fresh_sampled, calls = self.fresh_actions(batch)
             bag.add({"count/fresh_generate_calls": float(calls)})
             for k in range(a.grad_accum):
                 rows = slice(k * a.batch_size, (k + 1) * a.batch_size)
                 mb = _select_rows(batch, rows).trimmed()
                 f_ids, f_len = _trim(fresh_ids[rows], fresh_len[rows])
+                f_sampled = fresh_sampled[rows]  # f_len less a stop token appended to a cut utterance
                 with torch.no_grad():
                     s_mask = _mask(mb.state_len, mb.state_ids.shape[1])
                     q1, q2, v1, v2 = self.critic(mb.state_ids, s_mask, f_ids, _mask(f_len, f_ids.shape[1]))
@@ -230,9 +237,12 @@ class Trainer:
                         advantage = advantage - advantage.mean()
                     if a.normalize_advantage:
                         advantage = advantage / (advantage.std(correction=0) + 1e-6)
-                with self.traces.actor_micro_batch(step, mb.state_ids, mb.state_len, f_ids, f_len, advantage=advantage,
+                # the traces see the scored tokens only, as the loss does
+                with self.traces.actor_micro_batch(step, mb.state_ids, mb.state_len, f_ids, f_sampled,
+                                                   advantage=advantage,
                                                    q_value=torch.minimum(q1, q2)) as trace:  # forward + backward inside
-                    logprob_sum, entropy = self._logprobs(mb.state_ids, mb.state_len, f_ids, f_len, trace=trace)
+                    logprob_sum, entropy = self._logprobs(mb.state_ids, mb.state_len, f_ids, f_len, trace=trace,
+                                                          sampled_len=f_sampled)
                     loss, metrics = actor_loss(logprob_sum=logprob_sum, advantage=advantage, entropy=entropy,
                                                entropy_coeff=a.entropy_coeff)
                     (loss / a.grad_accum).backward()
@@ -245,10 +255,12 @@ class Trainer:
             sync_s += self.sync_engine()  # the next epoch samples a′ from the updated policy
         return sync_s
 
-    def _logprobs(self, state_ids, state_len, action_ids, action_len, trace=None) -> tuple[Tensor, Tensor]:
-        """Σ log π over each utterance (B,) and its entropy Σ_h H_h (B,)."""
+    def _logprobs(self, state_ids, state_len, action_ids, action_len, trace=None,
+                  sampled_len=None) -> tuple[Tensor, Tensor]:
+        """Σ log π over the sampled tokens of each utterance (B,) and their entropy Σ_h H_h (B,)."""
         logprob_sum, token_entropy, action_mask = action_logprobs(
-            self.policy, state_ids, state_len, action_ids, action_len, pad_id=self.pad_id, constraint=self.constraint)
+            self.policy, state_ids, state_len, action_ids, action_len, pad_id=self.pad_id, constraint=self.constraint,
+            sampled_len=sampled_len)
         if trace is not None:  # a traced actor micro-batch: the entropy trace wants every token's entropy
             trace.set_token_entropy(token_entropy)
         # Utterance entropy: the sum of the per-token conditional entropies along the utterance (a

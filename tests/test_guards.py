@@ -15,7 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastarcher.config import GuardConfig
-from fastarcher.guards import NonFiniteLossError, StepGuard
+from fastarcher.guards import (
+    NonFiniteLossError, NonFiniteParametersError, StepGuard, largest_parameter, parameters_within,
+)
 
 
 def _model_and_opt(seed: int = 0):
@@ -143,6 +145,73 @@ def test_guard_counters_survive_state_dict_roundtrip():
     assert restored.metrics() == guard.metrics() and restored.counters["actor"].steps == 2
 
 
+def test_a_step_that_makes_parameters_non_finite_stops_the_run_naming_the_optimizer():
+    model, opt = _model_and_opt()
+    for group in opt.param_groups:
+        group["lr"] = float("inf")  # finite loss and gradient, yet the step writes Inf/NaN into the weights
+    guard = StepGuard(GuardConfig(), log=lambda m: None)
+    loss = _loss(model)
+    loss.backward()
+    with pytest.raises(NonFiniteParametersError) as info:
+        guard.check_and_step("critic", model, opt, max_norm=1.0, iteration=5, loss=loss)
+    text = str(info.value)
+    assert "\n" not in text and "critic parameters" in text and "iteration 5" in text and "nan" in text
+    assert "optim.critic_lr" in text and "--checkpoint.resume auto" in text
+    assert isinstance(info.value, NonFiniteLossError)  # train.py turns it into one "numerical error" line
+
+
+def test_a_step_that_makes_parameters_huge_stops_the_run_at_the_configured_limit():
+    model, opt = _model_and_opt()
+    for group in opt.param_groups:
+        group["lr"] = 1e30  # finite weights of about 1e30: far beyond any sane network
+    guard = StepGuard(GuardConfig(), log=lambda m: None)
+    loss = _loss(model)
+    loss.backward()
+    huge = r"actor parameters reach \|w\| = [0-9.]+e\+30.*guard.max_param_abs"
+    with pytest.raises(NonFiniteParametersError, match=huge):
+        guard.check_and_step("actor", model, opt, max_norm=1.0, iteration=0, loss=loss)
+    # below the limit the same step is accepted
+    model, opt = _model_and_opt()
+    for group in opt.param_groups:
+        group["lr"] = 1e30
+    loss = _loss(model)
+    loss.backward()
+    StepGuard(GuardConfig(max_param_abs=1e31), log=lambda m: None).check_and_step(
+        "actor", model, opt, max_norm=1.0, iteration=0, loss=loss)
+    assert 1e29 < largest_parameter(list(model.parameters())) < 1e31
+
+
+def test_largest_parameter_is_the_max_abs_and_nan_wins():
+    a, b = torch.tensor([1.0, -7.0]), torch.tensor([[3.0]], dtype=torch.bfloat16)
+    assert largest_parameter([a, b, torch.zeros(0)]) == 7.0
+    assert largest_parameter([a, torch.tensor([float("-inf")])]) == float("inf")
+    assert math.isnan(largest_parameter([torch.tensor([float("inf")]), torch.tensor([float("nan"), 1.0])]))
+
+
+def test_parameter_check_tells_overflow_of_the_norm_from_infinite_weights():
+    normal, huge = [torch.full((3,), 0.5)], [torch.full((3,), 1e30)]  # ‖huge‖₂ overflows fp32: inf
+    assert parameters_within(normal, 1e6) == (True, pytest.approx(0.5 * 3 ** 0.5))  # fast path: the 2-norm
+    assert parameters_within(huge, 0.0) == (True, pytest.approx(1e30))  # finite, no limit
+    assert parameters_within(huge, 1e6) == (False, pytest.approx(1e30))
+    assert parameters_within([torch.tensor([1.0, float("inf")])], 0.0) == (False, float("inf"))
+
+
+def test_resume_resets_the_consecutive_count_and_keeps_the_totals():
+    model, opt = _model_and_opt()
+    guard = StepGuard(GuardConfig(max_consecutive_skips=3), log=lambda m: None)
+    for _ in range(2):
+        _loss(model).backward()
+        guard.check_and_step("critic", model, opt, max_norm=1.0, iteration=0, loss=torch.tensor(float("nan")))
+    restored = StepGuard(GuardConfig(max_consecutive_skips=3), log=lambda m: None)
+    restored.load_state_dict(guard.state_dict())
+    assert restored.counters["critic"].consecutive == 0
+    assert restored.counters["critic"].skipped == 2 and restored.counters["critic"].steps == 2
+    for _ in range(2):  # without the reset the first of these would already stop the run
+        _loss(model).backward()
+        restored.check_and_step("critic", model, opt, max_norm=1.0, iteration=1, loss=torch.tensor(float("nan")))
+    assert restored.counters["critic"].consecutive == 2 and restored.metrics()["guard/skipped_steps"] == 4.0
+
+
 def _rank_worker(rank: int, port: int, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -218,6 +287,20 @@ def test_trainer_stops_after_consecutive_nan_steps_with_a_clear_message(trainer,
     monkeypatch.setattr(trainer_module, "critic_loss", lambda **kw: (real(**kw)[0] * float("nan"), real(**kw)[1]))
     with pytest.raises(NonFiniteLossError, match=r"3 consecutive critic optimizer steps.*critic loss nan.*iteration 0"):
         trainer.iterate()  # tiny preset: 3 critic epochs per iteration
+
+
+def test_trainer_stops_before_a_diverged_critic_reaches_the_target_or_a_checkpoint(trainer):
+    from fastarcher.checkpoint import CheckpointError
+
+    for group in trainer.critic_opt.param_groups:
+        group["lr"] = float("inf")
+    with pytest.raises(NonFiniteParametersError, match=r"critic parameters .* at iteration 0 \(critic step 1\)"):
+        trainer.iterate()
+    assert trainer.guard.counters["critic"].steps == 1  # stopped at the first step, not after many skips
+    assert all(torch.isfinite(p).all() for p in trainer.target.parameters())  # no soft update from it
+    with pytest.raises(CheckpointError, match=r"refusing to save .*critic weights are not finite"):
+        trainer.checkpointer.save(trainer)  # the save path refuses too, should anything call it
+    assert not (trainer.run_dir / "checkpoints").exists() or not any((trainer.run_dir / "checkpoints").iterdir())
 
 
 def test_env_that_raises_is_dropped_and_reported_with_seed_and_episode(trainer, caplog):
