@@ -279,12 +279,19 @@ class Trainer:
             order = torch.randperm(max(n, 1), generator=self.cpu_gen)
             for step in range(steps):
                 rows = order[(torch.arange(step * b, (step + 1) * b)) % max(n, 1)]
-                self._policy_step(transitions, rows, weights, bag, kind, self.actor_opt, self.cfg.optim.actor_grad_clip)
+                self._policy_step(transitions, rows, weights, bag, kind, self.actor_opt, self.cfg.optim.actor_grad_clip,
+                                  sampled=True)
 
-    def _policy_step(self, transitions, rows, weights, bag, kind, optimizer, clip) -> None:
+    def _policy_step(self, transitions, rows, weights, bag, kind, optimizer, clip, *, sampled: bool) -> None:
+        """One optimizer step on the weighted Σ log π of the given rows. `sampled`: the actions came from
+        the engine, so an utterance longer than max_new_tokens was cut and closed with a stop token that was
+        never sampled (close_utterance): only its first max_new_tokens tokens are scored. Demonstrations
+        (warm start) are scored whole."""
         mb = _select_rows(transitions, rows.to(transitions.state_ids.device)).to(self.device).trimmed()
         w = weights[rows].to(self.device)
-        logprob_sum, entropy = self._logprobs(mb.state_ids, mb.state_len, mb.action_ids, mb.action_len)
+        sampled_len = mb.action_len.clamp(max=self.cfg.rollout.max_new_tokens) if sampled else None
+        logprob_sum, entropy = self._logprobs(mb.state_ids, mb.state_len, mb.action_ids, mb.action_len,
+                                              sampled_len=sampled_len)
         if kind == "reinforce":
             loss, metrics = policy_gradient_loss(logprob_sum=logprob_sum, advantage=w)
         else:
@@ -313,7 +320,7 @@ class Trainer:
         for step in range(ws.steps):
             bag = MetricBag()
             rows = torch.randint(len(transitions), (ws.batch_size,), generator=self.cpu_gen)
-            self._policy_step(transitions, rows, keep, bag, "bc", optimizer, 1.0)
+            self._policy_step(transitions, rows, keep, bag, "bc", optimizer, 1.0, sampled=False)
             if (step + 1) % max(ws.steps // 5, 1) == 0 or step + 1 == ws.steps:
                 m = reduce_metrics(bag.means(), self.info.world_size)
                 self.logger.print(f"  warm start step {step + 1}/{ws.steps}  nll {m['actor/bc_loss']:.3f}")

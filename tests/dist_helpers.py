@@ -185,4 +185,7 @@ def _main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    from fastarcher.dist import exit_with_launcher
+
+    exit_with_launcher()  # a timed-out test kills torchrun; its workers must not live on
     _main(sys.argv[1])

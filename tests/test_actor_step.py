@@ -122,3 +122,42 @@ def test_actor_loss_gets_the_log_prob_of_the_sampled_tokens_only(tmp_path, monke
     assert any(t[-1] != trainer.stop_id for t in seen["sampled"])  # at least one cut utterance
     assert torch.allclose(seen["got"], seen["expected"], rtol=0, atol=1e-5), (seen["got"], seen["expected"])
     trainer.logger.close()
+
+
+def test_reinforce_scores_the_sampled_tokens_of_cut_rollout_utterances_only(tmp_path, monkeypatch):
+    import fastarcher.trainer as trainer_module
+    from fastarcher.trainer import MetricBag
+
+    # Rollout utterances cut at 2 new tokens are stored closed (3 tokens); the on-policy update must
+    # score their 2 sampled tokens, and an utterance that sampled its own stop token whole.
+    trainer = make_trainer(tmp_path, "--algo", "reinforce", "--rollout.no-constrain-actions",
+                           "--rollout.max-new-tokens", "2")
+    rollout = trainer.play(trainer.runner, trainer.train_seeds(), greedy=False)
+    transitions = rollout.transitions(trainer.cfg.archer.gamma, trainer.pad_id)
+    assert int(transitions.action_len.max()) == 3  # at least one cut utterance, closed with a stop token
+    seen = {}
+    real_select, real_loss = trainer_module._select_rows, trainer_module.policy_gradient_loss
+
+    def record_select(batch, rows):
+        seen["mb"] = real_select(batch, rows)
+        return seen["mb"]
+
+    def record_loss(*, logprob_sum, **kwargs):  # called before the step: the policy is unchanged
+        mb = seen["mb"]
+        with torch.no_grad():
+            per_token, _, _ = action_logprobs(trainer.policy, mb.state_ids, mb.state_len, mb.action_ids,
+                                              mb.action_len, pad_id=trainer.pad_id, per_token=True)
+        sampled = mb.action_len.clamp(max=2)
+        seen.setdefault("expected", []).append(torch.stack([per_token[i, :n].sum() for i, n in enumerate(sampled)]))
+        seen.setdefault("closed", []).append(torch.stack([per_token[i, :n].sum() for i, n in enumerate(mb.action_len)]))
+        seen.setdefault("got", []).append(logprob_sum.detach())
+        return real_loss(logprob_sum=logprob_sum, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "_select_rows", record_select)
+    monkeypatch.setattr(trainer_module, "policy_gradient_loss", record_loss)
+    weights = torch.ones(len(transitions))
+    trainer.on_policy_phase(transitions, weights, MetricBag(), "reinforce")
+    got, expected, closed = (torch.cat(seen[k]) for k in ("got", "expected", "closed"))
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5), (got, expected)
+    assert not torch.allclose(got, closed, rtol=0, atol=1e-3)  # the appended stop tokens would have counted
+    trainer.logger.close()
