@@ -10,6 +10,7 @@ packages = [
     "fastarcher.envs",
     "fastarcher.rollout",
     "fastarcher.algos",
+    "fastarcher.checkpoint",
     "fastarcher.traces",
     "fastarcher.kernels",
 ]

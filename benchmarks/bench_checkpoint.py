@@ -21,7 +21,6 @@ were just written); a cold read is bounded by the disk instead.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import time
 from dataclasses import replace
@@ -31,10 +30,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastarcher.checkpoint import Checkpointer, check_checkpoint
+from fastarcher.checkpoint import Checkpointer, ModelState, OptimizerState, check_checkpoint
 from fastarcher.config import CheckpointConfig, GuardConfig, ReplayConfig, TrainConfig
 from fastarcher.critic import CriticConfig, DoubleCritic, make_target
 from fastarcher.guards import StepGuard
+from fastarcher.random_streams import RandomStreams
 from fastarcher.replay import ReplayBuffer, TransitionBatch
 
 DTYPE = getattr(torch, os.environ.get("FASTARCHER_BENCH_CKPT_DTYPE", "bfloat16"))
@@ -91,7 +91,7 @@ def _full_buffer(cfg: ReplayConfig, vocab: int) -> ReplayBuffer:
 
 
 def build_state(shape: str):
-    """What Checkpointer reads from a trainer, without the rollout machinery."""
+    """The trainer's checkpoint parts, without the rollout machinery (`parts` is what Checkpointer gets)."""
     torch.manual_seed(0)
     policy, vocab = _policy(shape)
     critic = DoubleCritic(CriticConfig(), vocab_size=vocab, pad_id=0)
@@ -100,13 +100,15 @@ def build_state(shape: str):
     _initialise_adam(policy, actor_opt)
     _initialise_adam(critic, critic_opt)
     cfg = replace(TrainConfig(), replay=SHAPES[shape]["replay"])
-    return SimpleNamespace(
-        cfg=cfg, policy=policy, critic=critic, target=make_target(critic), actor_opt=actor_opt, critic_opt=critic_opt,
-        buffer=_full_buffer(cfg.replay, vocab), iteration=1, sample_gen=torch.Generator().manual_seed(1),
-        buffer_gen=torch.Generator().manual_seed(2), cpu_gen=torch.Generator().manual_seed(3), py_rng=random.Random(4),
-        guard=StepGuard(GuardConfig()), random_baseline=None, start_metrics=None, last_eval=None,
-        logger=SimpleNamespace(history=[{"iteration": 0}]),
-    )
+    state = SimpleNamespace(cfg=cfg, policy=policy, critic=critic, target=make_target(critic), actor_opt=actor_opt,
+                            critic_opt=critic_opt, buffer=_full_buffer(cfg.replay, vocab), iteration=1)
+    state.parts = {
+        "policy": ModelState(policy), "critic": ModelState(critic), "target": ModelState(state.target),
+        "actor_opt": OptimizerState(policy, actor_opt, "actor_opt"),
+        "critic_opt": OptimizerState(critic, critic_opt, "critic_opt"),
+        "replay": state.buffer, "rng": RandomStreams(seed=0, rank=0), "guard": StepGuard(GuardConfig()),
+    }
+    return state
 
 
 def _nbytes(module_or_opt) -> int:
@@ -164,11 +166,12 @@ def test_load_torch_load_baseline(benchmark, case, ratio_table):
 
 
 def test_save_checkpointer(benchmark, case, ratio_table):
-    ck = Checkpointer(CheckpointConfig(save_on_sigterm=False, keep_last=1), case.root / "run", log=lambda m: None)
+    ck = Checkpointer(CheckpointConfig(save_on_sigterm=False, keep_last=1), case.root / "run", case.state.parts,
+                      log=lambda m: None)
 
     def save():
         case.state.iteration += 1  # a new checkpoint folder every round
-        return ck.save(case.state)
+        return ck.save(case.state.iteration)
 
     case.saved = benchmark.pedantic(save, rounds=ROUNDS[case.shape], iterations=1)
     size = _folder_bytes(case.saved)
@@ -191,10 +194,10 @@ def test_verify_crc32(benchmark, case, ratio_table):
 def test_load_checkpointer(benchmark, case, ratio_table):
     if case.saved is None:
         pytest.skip("needs test_save_checkpointer first")
-    ck = Checkpointer(CheckpointConfig(save_on_sigterm=False), case.root / "run", log=lambda m: None)
+    ck = Checkpointer(CheckpointConfig(save_on_sigterm=False), case.root / "run", case.state.parts, log=lambda m: None)
     before = next(case.state.policy.parameters()).detach().clone()
     with torch.no_grad():
         next(case.state.policy.parameters()).zero_()  # so the load has something to restore
-    benchmark.pedantic(lambda: ck.load(case.state, case.saved), rounds=ROUNDS[case.shape], iterations=1)
+    benchmark.pedantic(lambda: ck.load(case.saved), rounds=ROUNDS[case.shape], iterations=1)
     assert torch.equal(next(case.state.policy.parameters()), before)
     _record(ratio_table, case, "load", "checkpointer", benchmark.stats.stats.median, "in place into live modules")

@@ -45,7 +45,7 @@ class CriticConfig:
     """Maximum sequence length (state or action) the separate encoder accepts (rotary positions)."""
     backbone_grad: bool = False
     """encoder="policy" only: let critic losses backpropagate into the policy backbone. The backbone's
-    parameters are never part of `critic.parameters()`; whoever owns them must step and zero them."""
+    parameters are never part of `critic.parameters()`: the trainer gives them to the critic optimizer too."""
 
     def __post_init__(self):
         if self.encoder not in ("separate", "policy"):

@@ -11,6 +11,7 @@ instead of waiting for it forever.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import random
 import signal
@@ -161,3 +162,75 @@ def fault_point(point: str) -> None:
     rank = os.environ.get("RANK", "0")
     if spec == f"{rank}:{point}" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         raise RuntimeError(f"injected fault at {point!r} on rank {rank} ({FAULT_ENV})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Collectives with a shared outcome. A rank that raises while its peers wait in a collective would leave
+# them waiting: work that can fail on one rank only runs through `on_main` / `on_every_rank`, which share
+# the outcome and raise the same error on every rank.
+
+
+class SharedFailure(RuntimeError):
+    """Raised alike on every rank by `on_main` / `on_every_rank`; the message says what failed and why."""
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_object(obj):
+    """Every rank's `obj`, in rank order (a one-element list without a process group)."""
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one."""
+    return flag if world()[1] == 1 else any(all_gather_object(bool(flag)))
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line for a failure: the OS message, or the exception type and text (a full disk says so)."""
+    # safetensors reports I/O errors as its own type, with the OS message in the text
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+        return ("the disk is full (No space left on device); free space there or lower checkpoint.keep_last, "
+                "then resume with --checkpoint.resume auto")
+    if isinstance(error, (OSError, SharedFailure)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"  # e.g. a file that is not UTF-8 or not JSON
+
+
+def _outcome(fn):
+    try:
+        return fn(), None
+    except Exception as error:  # noqa: BLE001 - every local failure must reach the other ranks
+        return None, failure_reason(error)
+
+
+def raise_first(errors, context: str, error_type: type[SharedFailure] = SharedFailure) -> None:
+    """Raise `error_type("context: first error")` when any entry of `errors` is not None."""
+    errors = [e for e in errors if e is not None]
+    if errors:
+        raise error_type(f"{context}: {errors[0]}")
+
+
+def on_main(fn, context: str, error_type: type[SharedFailure] = SharedFailure):
+    """fn() on rank 0 only; every rank returns its result, or raises the same `error_type`."""
+    result, error = _outcome(fn) if world()[0] == 0 else (None, None)
+    result, error = broadcast_object((result, error))
+    raise_first([error], context, error_type)
+    return result
+
+
+def on_every_rank(fn, context: str, error_type: type[SharedFailure] = SharedFailure):
+    """fn() on every rank; if it fails on any, every rank raises the same `error_type`."""
+    result, error = _outcome(fn)
+    raise_first(all_gather_object(error), context, error_type)
+    return result

@@ -84,7 +84,7 @@ def export_policy(policy: nn.Module, tokenizer, out_dir: str | Path) -> Path:
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Export the policy stored in a fastarcher checkpoint (single process; reads only the policy)."""
     from fastarcher.checkpoint import (CheckpointError, check_checkpoint, latest_checkpoint, load_dcp,
-                                       read_trainer_state, tied_aliases)
+                                       read_run_state, tied_aliases)
     from fastarcher.model import ModelConfig, load_policy
 
     path = Path(checkpoint)
@@ -96,7 +96,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     problems = check_checkpoint(path)
     if problems:
         raise CheckpointError(f"{path} cannot be exported: " + "; ".join(problems))
-    model_cfg = ModelConfig(**read_trainer_state(path)["config"]["model"])
+    model_cfg = ModelConfig(**read_run_state(path)["config"]["model"])
     policy, tokenizer = load_policy(model_cfg)
     state = {"policy": {k: v for k, v in policy.state_dict().items() if k not in tied_aliases(policy)}}
     load_dcp(state, path / "model")  # in place, into the policy's own tensors (tied ones follow)

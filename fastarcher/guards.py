@@ -5,7 +5,7 @@ naming the loss, its value and the step.
     guard = StepGuard(cfg.guard, log=print)
     for micro_batch in ...:
         loss.backward(); guard.track("critic", loss)
-    grad_norm = guard.check_and_step("critic", critic, critic_opt, max_norm=1.0, iteration=it)
+    grad_norm = guard.check_and_step("critic", critic_opt, max_norm=1.0, iteration=it)
 
 `check_and_step` replaces "clip, step, zero": it clips to `max_norm` (0 = no clipping), and steps only
 when the tracked loss (summed over the micro-batches since the last step) and the global gradient norm
@@ -34,7 +34,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 
 class NonFiniteLossError(RuntimeError):
@@ -119,11 +119,12 @@ class StepGuard:
         loss = loss.detach().float()
         self._pending[name] = loss if name not in self._pending else self._pending[name] + loss
 
-    def check_and_step(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer, *,
+    def check_and_step(self, name: str, optimizer: torch.optim.Optimizer, *,
                        max_norm: float, iteration: int, loss: Tensor | None = None) -> Tensor:
         """Clip, then step if everything is finite, then zero the gradients; returns the pre-clip
         global grad norm (0-d). Raises NonFiniteLossError after too many consecutive skips."""
-        params = [p for p in module.parameters() if p.grad is not None]
+        # what the optimizer steps (a critic's optimizer may also own a shared policy backbone)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
@@ -186,6 +187,8 @@ class StepGuard:
         for name in ("critic", "actor", *sorted(set(self.counters) - {"critic", "actor"})):
             out[f"guard/skipped_{name}_steps"] = float(self.counters[name].skipped if name in self.counters else 0)
         return out
+
+    checkpoint_scope = "run"  # a run-wide checkpoint part: the counters are the same on every rank
 
     def state_dict(self) -> dict:
         return {name: vars(c).copy() for name, c in self.counters.items()}

@@ -77,6 +77,43 @@ class RunLogger:
         if self._progress is not None and advance:
             self._progress.advance(self._task)
 
+    # a run-wide checkpoint part: the metric history, and metrics.jsonl rewritten to match it on resume
+    checkpoint_scope = "run"
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        history = state["history"]
+        if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+            raise ValueError("the metric history is not a list of objects")
+        self.history = list(history)
+        self._rewrite(self.history)
+
+    def start_fresh(self, *, keep_earlier: bool) -> None:
+        """A run that starts from iteration 0: keep an earlier run's metrics beside the new file
+        (`keep_earlier`), or drop the rows of an attempt that died before its first checkpoint."""
+        if not self.is_main:
+            return
+        if not keep_earlier:
+            self._rewrite([])
+        elif (kept := set_aside_metrics(self.run_dir / "metrics.jsonl")) is not None:
+            self.print(f"starting fresh; the earlier run's metrics were moved to {kept}")
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        """Make metrics.jsonl hold exactly `rows` (rank 0; the logger appends to it afterwards)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.is_main or not path.parent.is_dir():
+            return
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        with open(path, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
     def close(self) -> None:
         if not self.is_main:
             return

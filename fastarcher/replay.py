@@ -21,9 +21,10 @@ Length limits on `add`:
   observation changes s'. Raise the limit instead.
 
 Checkpoints: `state_dict()` holds only the filled rows (slots [0, size)) and the counters, so a shard
-grows with the data, not the capacity; `save_shard` / `load_shard` write and read it as safetensors
-with deterministic bytes, and `redistribute` deals the rows of several shards out to another number of
-ranks (pure: it takes state dicts, or lazy `ShardFile`s, and returns this rank's batch).
+grows with the data, not the capacity. The buffer is a per-rank checkpoint part (the checkpointer writes
+its state dict as one safetensors file per rank); on a resume with another world size
+`load_resharded` takes every old rank's shard and adds this rank's share of their rows
+(`redistribute`, pure: state dicts or lazy file mappings in, this rank's batch out).
 
 Example:
     buf = ReplayBuffer(100_000, 512, 16, 64, pad_id=0)
@@ -33,14 +34,10 @@ Example:
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 _ID_STORAGE_DTYPE = torch.int32
@@ -314,7 +311,9 @@ class ReplayBuffer:
             out[name] = picked.long() if t.dtype in (torch.int32, torch.int64) else picked
         return TransitionBatch(**out, pad_id=self.pad_id)
 
-    # ------------------------------------------------------------------ checkpoint
+    # ------------------------------------------------------------------ checkpoint (a per-rank part)
+    checkpoint_scope = "rank"
+
     def state_dict(self) -> dict[str, Tensor]:
         """The filled rows and the counters, as tensors only (torch.load(weights_only=True) and safetensors
         both accept it); views of the storage, not copies.
@@ -352,6 +351,14 @@ class ReplayBuffer:
         self._ptr, self._size, self._num_added = counters["ptr"], size, counters["num_added"]
         self._truncated_states = sd["truncated_states"].to(self.device, torch.int64).clone()
 
+    def load_resharded(self, shards: Sequence[Mapping[str, Tensor]], rank: int, world_size: int,
+                       iteration: int = 0) -> int:
+        """Fill this (fresh) buffer with this rank's share of the rows of every old rank's shard (a resume
+        with another world size or device; see `redistribute`); returns the rows added."""
+        batch = redistribute(shards, rank, world_size)
+        self.add(batch)
+        return len(batch)
+
 
 META_FIELDS = ("capacity", "max_state_len", "max_action_len", "max_obs_len", "pad_id", "ptr", "size", "num_added")
 """Order of the int64 `meta` tensor of a replay state dict."""
@@ -384,7 +391,7 @@ def redistribute(shards: Sequence[Mapping[str, Tensor]], rank: int, world_size: 
     The rows of every shard are ordered oldest first and interleaved across shards by age (rows of equal
     age by old rank), then dealt out round-robin over `world_size` new ranks; adding the result to a
     buffer keeps the newest rows when they exceed its capacity. Each field of each shard is read once and
-    only for the rows this rank takes, so lazy mappings (`ShardFile`) keep one field in memory at a time.
+    only for the rows this rank takes, so lazy mappings (checkpoint `RankFile`s) keep one field in memory at a time.
     """
     slots, ages, shard_of, sizes, pad_id = [], [], [], [], 0
     for k, shard in enumerate(shards):
@@ -413,43 +420,3 @@ def redistribute(shards: Sequence[Mapping[str, Tensor]], rank: int, world_size: 
             rows[name][here] = values
     batch = {name: t.long() if name.endswith(("_ids", "_len")) else t for name, t in rows.items()}
     return TransitionBatch(**batch, pad_id=pad_id)
-
-
-# ---------------------------------------------------------------------- shard files
-
-
-def save_shard(buffer: ReplayBuffer, path: str | Path, *, metadata: dict) -> None:
-    """Write the buffer's state dict as a safetensors file whose bytes depend only on the state.
-
-    safetensors orders tensors itself but writes several metadata entries in hash order, which changes
-    from one save to the next; one sorted JSON entry keeps equal states byte-identical.
-    """
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in buffer.state_dict().items()}
-    save_file(tensors, str(path), metadata={"json": json.dumps(metadata, sort_keys=True)})
-
-
-def load_shard(buffer: ReplayBuffer, path: str | Path) -> None:
-    """Restore `buffer` from a file written by `save_shard` (same buffer shape)."""
-    buffer.load_state_dict(load_file(str(path), device="cpu"))
-
-
-class ShardFile(Mapping):
-    """A shard file as a read-only mapping that reads each tensor on access (redistribution of many
-    large shards then holds one field at a time)."""
-
-    def __init__(self, path: str | Path):
-        self.path = str(path)
-        with safe_open(self.path, framework="pt") as f:
-            self._names = list(f.keys())
-
-    def __getitem__(self, name: str) -> Tensor:
-        if name not in self._names:
-            raise KeyError(f"{self.path} has no tensor {name!r}")
-        with safe_open(self.path, framework="pt") as f:
-            return f.get_tensor(name)
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)

@@ -16,6 +16,7 @@ import copy
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,10 +25,11 @@ from torch import Tensor
 from fastarcher.algos.archer import actor_loss, archer_advantage, critic_loss, critic_targets
 from fastarcher.algos.filtered_bc import bc_loss, filter_top_fraction
 from fastarcher.algos.reinforce import group_advantages, policy_gradient_loss
-from fastarcher.checkpoint import Checkpointer
+from fastarcher.checkpoint import CheckpointError, Checkpointer, ModelState, OptimizerState
 from fastarcher.config import TrainConfig, to_dict
 from fastarcher.critic import DoubleCritic, make_target, soft_update
-from fastarcher.dist import DistInfo, all_reduce_max, seed_everything
+from fastarcher.dist import DistInfo, all_reduce_max, on_main, seed_everything
+from fastarcher.envs import token_sizes
 from fastarcher.envs.runner import BatchedEnvRunner
 from fastarcher.guards import StepGuard
 from fastarcher.logging import RunLogger, plot_learning_curves
@@ -35,10 +37,11 @@ from fastarcher.metrics import reduce_metrics
 from fastarcher.model import encode, load_policy, stop_token_id, transformer_blocks
 from fastarcher.parallel import data_parallel_mesh, parallelize
 from fastarcher.policy import action_logprobs
+from fastarcher.random_streams import RandomStreams
 from fastarcher.replay import ReplayBuffer, TransitionBatch
 from fastarcher.rollout.base import ActionConstraint, SamplingParams
 from fastarcher.rollout.collect import (
-    RolloutResult, close_utterance, oracle_picker, pad_rows, play_episodes, random_picker,
+    RolloutResult, close_utterance, oracle_picker, pad_rows, play_episodes, random_picker, sampled_lengths,
 )
 from fastarcher.rollout.hf_engine import HFEngine
 from fastarcher.rollout.weight_sync import sync_weights
@@ -73,22 +76,49 @@ class MetricBag:
         return out
 
 
+@dataclass
+class Progress:
+    """Where the run stands (a run-wide checkpoint part): iterations done, the random-policy baseline,
+    the evaluation before training and the latest evaluation."""
+
+    iteration: int = 0
+    random_baseline: dict[str, float] | None = None
+    start_metrics: dict[str, float] | None = None
+    last_eval: dict[str, float] | None = None
+
+    checkpoint_scope = "run"
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "random_baseline": self.random_baseline,
+                "start_metrics": self.start_metrics, "last_eval": self.last_eval}
+
+    def load_state_dict(self, state: dict) -> None:
+        if type(state["iteration"]) is not int or state["iteration"] < 0:
+            raise ValueError(f"progress iteration must be a non-negative integer, got {state['iteration']!r}")
+        for key in ("random_baseline", "start_metrics", "last_eval"):
+            value = state[key]
+            if value is not None and not (isinstance(value, dict) and all(
+                    isinstance(k, str) and isinstance(v, (int, float)) for k, v in value.items())):
+                raise ValueError(f"progress {key} is not a mapping of metric names to numbers")
+        self.iteration, self.random_baseline = state["iteration"], state["random_baseline"]
+        self.start_metrics, self.last_eval = state["start_metrics"], state["last_eval"]
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
         self.device = info.device
         self.run_dir = Path(cfg.log.run_dir)
+        cfg.validate(world_size=info.world_size)  # the entry point's checks, for a Trainer built from Python
         # Identical init on every rank (FSDP2 keeps each rank's shard of its own full copy).
         seed_everything(cfg.seed)
         policy, tokenizer = load_policy(cfg.model)
+        cfg.check_env_fits(token_sizes(cfg.env, lambda text: encode(tokenizer, text)))
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id
         self.stop_id = stop_token_id(tokenizer)
         engine_model = copy.deepcopy(policy)
-        backbone = policy.model if cfg.critic.encoder == "policy" else None
-        if backbone is not None and info.distributed:
-            raise ValueError("critic.encoder 'policy' is supported on one process only; use critic.encoder "
-                             "'separate' with torchrun")
+        backbone = policy.model if cfg.critic.encoder == "policy" else None  # one process only (validate)
         critic = DoubleCritic(cfg.critic, vocab_size=len(tokenizer), pad_id=self.pad_id, backbone=backbone)
         target = make_target(critic)
         self.policy, self.critic, self.target = policy.to(self.device), critic.to(self.device), target.to(self.device)
@@ -101,16 +131,20 @@ class Trainer:
         self.critic.train()
         optim = cfg.optim
         self.actor_opt = torch.optim.AdamW(self.policy.parameters(), lr=optim.actor_lr, weight_decay=optim.weight_decay)
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=optim.critic_lr,
+        # with critic.backbone_grad the critic's losses reach the shared policy backbone: the critic optimizer
+        # owns those gradients too (steps, clips and zeroes them), so the actor steps its own loss only
+        self.critic_modules = self.critic
+        if backbone is not None and cfg.critic.backbone_grad:
+            self.critic_modules = torch.nn.ModuleDict({"critic": self.critic, "backbone": backbone})
+        self.critic_opt = torch.optim.AdamW(self.critic_modules.parameters(), lr=optim.critic_lr,
                                             weight_decay=optim.weight_decay)
         self.engine = HFEngine(engine_model, pad_id=self.pad_id, device=self.device, max_batch=cfg.rollout.max_batch)
 
-        # Per-rank random streams, all derived from the one seed.
-        rank_seed = cfg.seed * 1_000_003 + 7919 * info.rank
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(rank_seed)
-        self.buffer_gen = torch.Generator(device=self.device).manual_seed(rank_seed + 1)
-        self.py_rng = random.Random(rank_seed + 2)
-        self.cpu_gen = torch.Generator().manual_seed(rank_seed + 3)  # minibatch orders of on-policy updates
+        # Per-rank random streams, all derived from the one seed: fresh-action sampling, replay sampling,
+        # demonstration picks, minibatch orders of on-policy updates.
+        self.streams = RandomStreams(cfg.seed, info.rank, self.device)
+        self.sample_gen, self.buffer_gen = self.streams.sample_gen, self.streams.buffer_gen
+        self.py_rng, self.cpu_gen = self.streams.py_rng, self.streams.cpu_gen
 
         self.envs_per_rank = cfg.rollout.num_envs // info.world_size
         self.runner = BatchedEnvRunner(cfg.env, self.envs_per_rank)
@@ -118,29 +152,38 @@ class Trainer:
         self.constraint = None
         if cfg.rollout.constrain_actions:
             sequences = [encode(tokenizer, a) + [self.stop_id] for a in self.runner.action_choices()]
-            self.constraint = ActionConstraint(sequences, len(tokenizer))
-            if cfg.rollout.max_new_tokens < self.constraint.max_len:
-                raise ValueError(f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) must be at least "
-                                 f"{self.constraint.max_len}, the longest allowed action of env "
-                                 f"{cfg.env.name!r} in tokens (stop token included)")
+            self.constraint = ActionConstraint(sequences, len(tokenizer))  # fits max_new_tokens (check_env_fits)
         # s′ is rebuilt as the last `state_window` tokens of s ⊕ a ⊕ o, the same window the rollout keeps
         self.state_window = cfg.rollout.context_tokens or cfg.replay.max_state_len
         self.buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.max_state_len, cfg.replay.max_action_len,
                                    cfg.replay.max_obs_len, pad_id=self.pad_id, device=self.device)
-        self.iteration = 0
-        self.random_baseline: dict[str, float] | None = None
+        self.progress = Progress()
         self.logger = RunLogger(
             self.run_dir, is_main=info.is_main, total_iterations=cfg.iterations, progress=cfg.log.progress,
             wandb_config=to_dict(cfg) if cfg.log.wandb else None, wandb_project=cfg.log.wandb_project,
         )
-        self.start_metrics: dict[str, float] | None = None
-        self.last_eval: dict[str, float] | None = None
         self.guard = StepGuard(cfg.guard, log=self.logger.print)
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, rank=info.rank, world_size=info.world_size,
-                                         log=self.logger.print)
+        log = lambda message: self.logger.print(message)  # noqa: E731 - late-bound: a replaced logger.print is used
+        parts = {
+            "policy": ModelState(self.policy), "critic": ModelState(self.critic), "target": ModelState(self.target),
+            "actor_opt": OptimizerState(self.policy, self.actor_opt, "actor_opt", log),
+            "critic_opt": OptimizerState(self.critic_modules, self.critic_opt, "critic_opt", log),
+            "replay": self.buffer, "rng": self.streams, "runner": self.runner, "eval_runner": self.eval_runner,
+            "progress": self.progress, "guard": self.guard, "logger": self.logger,
+        }
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, parts, config=to_dict(cfg),
+                                         device=self.device.type, rank=info.rank, world_size=info.world_size, log=log)
         # Influence / entropy traces of the actor step (docs/traces.md); inert, no hooks, when both are off.
         self.traces = TraceRecorder(cfg.trace, self.policy, self.run_dir, info, tokenizer, pad_id=self.pad_id,
                                     constraint=self.constraint, log=self.logger.print)
+
+    @property
+    def iteration(self) -> int:
+        return self.progress.iteration
+
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        self.progress.iteration = value
 
     # ----------------------------------------------------------------------------------------------
     # sampling
@@ -172,7 +215,7 @@ class Trainer:
         out = self.engine.generate(prompts, self.sampling_params(), self.sample_gen)
         actions = [close_utterance(a, self.stop_id) for a in out.token_ids]
         action_ids, action_len = pad_rows(actions, self.pad_id)
-        sampled_len = torch.tensor([len(a) for a in out.token_ids], dtype=torch.long)
+        sampled_len = sampled_lengths(action_len, self.cfg.rollout.max_new_tokens)
         calls = math.ceil(len(prompts) / self.engine.max_batch)
         return action_ids.to(self.device), action_len.to(self.device), sampled_len.to(self.device), calls
 
@@ -208,7 +251,7 @@ class Trainer:
                 self.guard.track("critic", loss / a.grad_accum)
                 bag.add(metrics)
             bag.add({"critic/grad_norm": self.guard.check_and_step(
-                "critic", self.critic, self.critic_opt, max_norm=self.cfg.optim.critic_grad_clip,
+                "critic", self.critic_opt, max_norm=self.cfg.optim.critic_grad_clip,
                 iteration=self.iteration)})
             soft_update(self.target, self.critic, a.tau)
 
@@ -216,9 +259,6 @@ class Trainer:
         """ArCHer actor steps; returns the seconds spent syncing the engine after each step."""
         a = self.cfg.archer
         sync_s = 0.0
-        # a critic on the shared policy backbone (critic.backbone_grad) leaves its gradients there, and
-        # the critic optimizer does not own the backbone: drop them so the actor steps its own loss only
-        self.actor_opt.zero_grad(set_to_none=True)
         for epoch in range(a.actor_epochs):
             step = (self.iteration - a.warmup_iterations) * a.actor_epochs + epoch  # actor step index of the traces
             batch = self.buffer.sample(a.batch_size * a.grad_accum, self.buffer_gen)
@@ -250,7 +290,7 @@ class Trainer:
                 bag.add(metrics)
             bag.add(self.traces.finish_step(step))  # {} unless a trace is due at this step
             bag.add({"actor/grad_norm": self.guard.check_and_step(
-                "actor", self.policy, self.actor_opt, max_norm=self.cfg.optim.actor_grad_clip,
+                "actor", self.actor_opt, max_norm=self.cfg.optim.actor_grad_clip,
                 iteration=self.iteration)})
             sync_s += self.sync_engine()  # the next epoch samples a′ from the updated policy
         return sync_s
@@ -289,7 +329,7 @@ class Trainer:
         (warm start) are scored whole."""
         mb = _select_rows(transitions, rows.to(transitions.state_ids.device)).to(self.device).trimmed()
         w = weights[rows].to(self.device)
-        sampled_len = mb.action_len.clamp(max=self.cfg.rollout.max_new_tokens) if sampled else None
+        sampled_len = sampled_lengths(mb.action_len, self.cfg.rollout.max_new_tokens) if sampled else None
         logprob_sum, entropy = self._logprobs(mb.state_ids, mb.state_len, mb.action_ids, mb.action_len,
                                               sampled_len=sampled_len)
         if kind == "reinforce":
@@ -299,7 +339,7 @@ class Trainer:
         loss.backward()
         metrics = {**metrics, "actor/entropy": entropy.detach().mean()}
         bag.add(metrics)
-        bag.add({"actor/grad_norm": self.guard.check_and_step("actor", self.policy, optimizer, max_norm=clip,
+        bag.add({"actor/grad_norm": self.guard.check_and_step("actor", optimizer, max_norm=clip,
                                                               iteration=self.iteration, loss=loss)})
 
     # ----------------------------------------------------------------------------------------------
@@ -390,7 +430,12 @@ class Trainer:
                           f"device={self.device} policy={_count(self.policy):,} params "
                           f"critic={_count(self.critic):,} params")
         self.logger.print(self.buffer.describe())
-        resumed = self.checkpointer.restore(self) is not None
+        resumed = self.checkpointer.restore() is not None
+        if resumed:
+            self.sync_engine()  # the rollout engine's copy of the restored policy
+        else:
+            on_main(lambda: self.logger.start_fresh(keep_earlier=cfg.checkpoint.resume == "none"),
+                    f"cannot start the metrics file in {self.run_dir}", CheckpointError)
         if cfg.warm_start.steps and not resumed:
             self.warm_start()
         if cfg.algo == "sft":
@@ -399,12 +444,12 @@ class Trainer:
             return final
         if not resumed:
             if cfg.eval.random_baseline:
-                self.random_baseline = self.evaluate_random()
+                baseline = self.progress.random_baseline = self.evaluate_random()
                 self.logger.print("random valid-action policy: success {:.3f} return {:+.3f}".format(
-                    self.random_baseline["random/success_rate"], self.random_baseline["random/return_mean"]))
-            self.start_metrics = self.last_eval = reduce_metrics(self.evaluate(), info.world_size)
-            self.logger.log(self.iteration, self.start_metrics, advance=False)
-        start = self.start_metrics
+                    baseline["random/success_rate"], baseline["random/return_mean"]))
+            self.progress.start_metrics = self.progress.last_eval = reduce_metrics(self.evaluate(), info.world_size)
+            self.logger.log(self.iteration, self.progress.start_metrics, advance=False)
+        start = self.progress.start_metrics
         run_start = time.perf_counter()
         while self.iteration < cfg.iterations:
             metrics = self.iterate()
@@ -413,10 +458,10 @@ class Trainer:
                 metrics.update(self.evaluate())
             metrics = reduce_metrics(metrics, info.world_size)
             if "eval/success_rate" in metrics:
-                self.last_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+                self.progress.last_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
             self.logger.log(self.iteration, metrics)
-            self.checkpointer.maybe_save(self)
-        last_eval = self.last_eval
+            self.checkpointer.maybe_save(self.iteration, last=self.iteration >= cfg.iterations)
+        last_eval = self.progress.last_eval
         summary = {
             "start/eval_success_rate": start["eval/success_rate"],
             "final/eval_success_rate": last_eval["eval/success_rate"],
@@ -424,17 +469,23 @@ class Trainer:
             "final/eval_return": last_eval["eval/return_mean"],
             "train_seconds": time.perf_counter() - run_start,
         }
-        if self.random_baseline:
-            summary["random/success_rate"] = self.random_baseline["random/success_rate"]
-            summary["random/return_mean"] = self.random_baseline["random/return_mean"]
+        if self.progress.random_baseline:
+            summary["random/success_rate"] = self.progress.random_baseline["random/success_rate"]
+            summary["random/return_mean"] = self.progress.random_baseline["random/return_mean"]
         return summary
 
     def save_final(self) -> None:
-        self.checkpointer.save_final(self)
+        """The end of a run: a checkpoint of the last iteration (if not saved already) and the HF export."""
+        self.checkpointer.save_final(self.iteration)
+        if self.cfg.checkpoint.export_hf:
+            from fastarcher.export import export_policy
+
+            out = export_policy(self.policy, self.tokenizer, self.run_dir / "hf_policy")
+            self.logger.print(f"export: policy saved as a Hugging Face folder in {out}")
 
     def finish(self, summary: dict[str, float]) -> None:
         if self.info.is_main and self.logger.history:
-            rb = self.random_baseline or {}
+            rb = self.progress.random_baseline or {}
             plot_learning_curves(self.logger.history, self.run_dir / "learning_curve.png",
                                  random_success=rb.get("random/success_rate"), random_return=rb.get("random/return_mean"),
                                  title=f"{self.cfg.algo} on {self.cfg.env.name}")

@@ -20,18 +20,17 @@ import torch
 from fastarcher.checkpoint import (
     CheckpointError,
     Checkpointer,
-    capture_rng,
+    RankFile,
     check_checkpoint,
     config_differences,
     load_dcp,
-    load_replay_shard,
-    redistribute_replay,
-    restore_rng,
+    load_rank_file,
     resume_candidates,
-    save_replay_shard,
+    save_rank_file,
     tied_aliases,
 )
 from fastarcher.config import CheckpointConfig
+from fastarcher.random_streams import RandomStreams
 from fastarcher.replay import ReplayBuffer, TransitionBatch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,8 +94,9 @@ def test_save_writes_complete_layout_latest_pointer_and_prunes_to_keep_last(save
     assert sorted(p.name for p in folder.iterdir()) == ["iter_000002", "iter_000003", "latest"]
     assert (folder / "latest").read_text().strip() == "iter_000003"
     ckpt = folder / "iter_000003"
-    for name in ("manifest.json", "trainer.json", "model/.metadata", "model/__0_0.distcp",
-                 "replay/rank_00000.safetensors", "rng/rank_00000.safetensors"):
+    for name in ("manifest.json", "state.json", "model/.metadata", "model/__0_0.distcp",
+                 "replay/rank_00000.safetensors", "rng/rank_00000.safetensors", "runner/rank_00000.safetensors",
+                 "eval_runner/rank_00000.safetensors"):
         assert (ckpt / name).is_file(), name
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["iteration"] == 3 and manifest["world_size"] == 1
@@ -105,9 +105,12 @@ def test_save_writes_complete_layout_latest_pointer_and_prunes_to_keep_last(save
     for name, entry in manifest["files"].items():
         data = (ckpt / name).read_bytes()
         assert entry["size"] == len(data) and entry["crc32"] == zlib.crc32(data)
-    state = json.loads((ckpt / "trainer.json").read_text())
-    assert state["iteration"] == 3 and [row["iteration"] for row in state["history"]] == [0, 1, 2, 3]
-    assert state["optimizers"] == ["actor_opt", "critic_opt"]  # the actor stepped at iteration 2 (warm-up 1)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["iteration"] == 3 and state["parts"]["progress"]["iteration"] == 3
+    assert [row["iteration"] for row in state["parts"]["logger"]["history"]] == [0, 1, 2, 3]
+    # the actor stepped at iteration 2 (warm-up 1)
+    assert state["sharded"] == ["policy", "critic", "target", "actor_opt", "critic_opt"]
+    assert sorted(state["parts"]) == ["guard", "logger", "progress"]
     assert check_checkpoint(ckpt) == []
 
 
@@ -115,8 +118,8 @@ def test_optimizer_that_never_stepped_is_not_saved(saved_run, tmp_path):
     # iteration 1 of a warm-up-1 run: the actor has not stepped yet, so its AdamW must stay uninitialised
     run_dir = tmp_path / "run"
     trainer = run_trainer(run_dir, "--iterations", "1")
-    state = json.loads((run_dir / "checkpoints" / "iter_000001" / "trainer.json").read_text())
-    assert state["optimizers"] == ["critic_opt"]
+    state = json.loads((run_dir / "checkpoints" / "iter_000001" / "state.json").read_text())
+    assert state["sharded"] == ["policy", "critic", "target", "critic_opt"]
     assert not trainer.actor_opt.state  # saving did not initialise it either
 
 
@@ -221,7 +224,7 @@ def test_broken_latest_pointer_falls_back_to_the_newest_folder(run_copy):
 
 def test_resume_none_moves_existing_checkpoints_aside(run_copy):
     ck = _checkpointer(run_copy, resume="none")
-    assert ck.restore(trainer=None) is None
+    assert ck.restore() is None
     folder = run_copy / "checkpoints"
     aside = [p for p in folder.iterdir() if p.name.startswith("replaced-")]
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["iter_000002", "iter_000003"]
@@ -257,21 +260,31 @@ def test_model_state_loads_through_the_safe_reader_and_tied_weights_are_stored_o
 # pieces
 
 
-def test_rng_capture_and_restore_reproduce_every_stream():
-    trainer = SimpleNamespace(sample_gen=torch.Generator().manual_seed(1), buffer_gen=torch.Generator().manual_seed(2),
-                              cpu_gen=torch.Generator().manual_seed(3), py_rng=random.Random(4))
+def test_random_streams_round_trip_through_a_rank_file_reproduces_every_stream(tmp_path):
+    streams = RandomStreams(seed=3, rank=1)
     torch.manual_seed(5), np.random.seed(6), random.seed(7)
 
     def draw():
-        return (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random(), trainer.py_rng.random(),
-                *(torch.rand(2, generator=getattr(trainer, g)).tolist()
+        return (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random(), streams.py_rng.random(),
+                *(torch.rand(2, generator=getattr(streams, g)).tolist()
                   for g in ("sample_gen", "buffer_gen", "cpu_gen")))
 
-    tensors, meta = capture_rng(trainer)
-    tensors, meta = {k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(meta))  # as on disk
+    save_rank_file(streams.state_dict(), tmp_path / "rng.safetensors")  # as on disk
     first = draw()
-    restore_rng(trainer, tensors, meta)
+    streams.load_state_dict(load_rank_file(tmp_path / "rng.safetensors"))
     assert draw() == first
+    streams.load_resharded([], rank=1, world_size=2, iteration=4)  # another world size: derived again
+    again = draw()
+    streams.load_resharded([], rank=1, world_size=2, iteration=4)
+    assert draw() == again != first
+
+
+def _save_shard(buf: ReplayBuffer, path: Path) -> None:
+    save_rank_file(buf.state_dict(), path)
+
+
+def _redistribute(buf: ReplayBuffer, paths: list[Path], rank: int, world_size: int) -> int:
+    return buf.load_resharded([RankFile(p) for p in paths], rank, world_size)
 
 
 def _buffer_with_ids(n_rows: int, first_id: int, capacity: int) -> ReplayBuffer:
@@ -300,14 +313,14 @@ def test_replay_shards_are_pooled_and_dealt_out_oldest_first(tmp_path, old_world
     paths = []
     for k in range(old_world):
         path = tmp_path / f"rank_{k}.safetensors"
-        save_replay_shard(_buffer_with_ids(10, 100 * k, capacity=8), path, rank=k, world_size=old_world)
+        _save_shard(_buffer_with_ids(10, 100 * k, capacity=8), path)
         paths.append(path)
     expected = sorted((age, k, 100 * k + 2 + age) for k in range(old_world) for age in range(8))  # by age, rank
     pooled = [row for _, _, row in expected]
     got = []
     for rank in range(new_world):
         buf = ReplayBuffer(64, 4, 2, 2, pad_id=0)
-        added = redistribute_replay(buf, paths, rank, new_world)
+        added = _redistribute(buf, paths, rank, new_world)
         rows = _rows_oldest_first(buf)
         assert added == len(rows) == len(pooled[rank::new_world])
         assert rows == pooled[rank::new_world]  # round-robin over the pooled order, oldest first
@@ -320,31 +333,40 @@ def test_redistributing_into_a_smaller_buffer_keeps_the_newest_rows(tmp_path):
     paths = []
     for k in range(2):
         path = tmp_path / f"rank_{k}.safetensors"
-        save_replay_shard(_buffer_with_ids(6, 100 * k, capacity=8), path, rank=k, world_size=2)
+        _save_shard(_buffer_with_ids(6, 100 * k, capacity=8), path)
         paths.append(path)
     buf = ReplayBuffer(4, 4, 2, 2, pad_id=0)
-    redistribute_replay(buf, paths, 0, 1)
+    _redistribute(buf, paths, 0, 1)
     assert _rows_oldest_first(buf) == [4.0, 104.0, 5.0, 105.0]
 
 
 def test_two_saves_of_the_same_state_write_byte_identical_replay_and_rng_files(saved_run, tmp_path):
-    saved = [_checkpointer(tmp_path / f"run_{k}").save(saved_run.trainer) for k in range(4)]
-    for part in ("replay/rank_00000.safetensors", "rng/rank_00000.safetensors"):
+    parts = saved_run.trainer.checkpointer.parts
+    saved = [Checkpointer(CheckpointConfig(save_on_sigterm=False), tmp_path / f"run_{k}", parts).save(3)
+             for k in range(4)]
+    for part in ("replay/rank_00000.safetensors", "rng/rank_00000.safetensors", "state.json"):
         assert len({(path / part).read_bytes() for path in saved}) == 1, part
 
 
 def test_replay_shard_with_inconsistent_counters_is_refused_naming_the_file(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    path = tmp_path / "rank_00000.safetensors"
-    save_replay_shard(_buffer_with_ids(5, 0, capacity=8), path, rank=0, world_size=1)
+    config = CheckpointConfig(save_on_sigterm=False)
+    ckpt = Checkpointer(config, tmp_path / "run", {"replay": _buffer_with_ids(5, 0, capacity=8)}).save(1)
+    path = ckpt / "replay" / "rank_00000.safetensors"
     tensors = load_file(str(path))
     tensors["meta"][6] = 7  # claims 7 filled rows; the file holds 5 and the write pointer says 5
     save_file(tensors, str(path))
-    with pytest.raises(CheckpointError, match=r"rank_00000.safetensors cannot be loaded: replay meta is inconsistent"):
-        load_replay_shard(ReplayBuffer(8, 4, 2, 2, pad_id=0), path)
-    with pytest.raises(CheckpointError, match="cannot be redistributed: replay meta is inconsistent"):
-        redistribute_replay(ReplayBuffer(8, 4, 2, 2, pad_id=0), [path], 0, 1)
+    fresh = Checkpointer(config, tmp_path / "run", {"replay": ReplayBuffer(8, 4, 2, 2, pad_id=0)})
+    with pytest.raises(CheckpointError, match=r"replay/rank_00000.safetensors cannot be loaded: replay meta is "
+                                              r"inconsistent"):
+        fresh.load(ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, "world_size": 2}))  # as if saved by two ranks
+    shutil.copy(path, path.with_name("rank_00001.safetensors"))
+    with pytest.raises(CheckpointError, match="replay shards of .* cannot be redistributed: replay meta is "
+                                              "inconsistent"):
+        fresh.load(ckpt)
 
 
 def test_config_differences_lists_dotted_fields():
@@ -359,9 +381,68 @@ def test_config_check_refuses_shape_changes_but_not_unused_envs_or_new_fields(tm
              "model": {"hidden_size": 64}, "optim": {"actor_lr": 1e-5}}
     current = {"env": {"name": "guess_number", "guess_number": {"high": 16}, "frozenlake": {"size": 8}},
                "model": {"hidden_size": 64, "new_field": 1}, "optim": {"actor_lr": 2e-5}}
-    ck._check_config(tmp_path, saved, current)  # another env's setting, a field the old version lacked: fine
+    ck.config = current
+    ck._check_config(tmp_path, saved)  # another env's setting, a field the old version lacked: fine
     assert "env.frozenlake.size 4 → 8" in ck.messages[-1] and "optim.actor_lr 1e-05 → 2e-05" in ck.messages[-1]
     assert "model.new_field '<absent>' → 1" in ck.messages[-1]
     current["env"]["guess_number"]["high"] = 32
     with pytest.raises(CheckpointError, match=r"env.guess_number.high=16 in the checkpoint but 32 now"):
-        ck._check_config(tmp_path, saved, current)
+        ck._check_config(tmp_path, saved)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the state contract: the checkpointer saves whatever parts it is handed
+
+
+class _Counter:
+    checkpoint_scope = "run"
+
+    def __init__(self, value: int = 0):
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def test_any_parts_round_trip_through_save_and_load_by_their_scope(tmp_path):
+    from fastarcher.checkpoint import ModelState, OptimizerState
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    buf, counter = _buffer_with_ids(5, 0, capacity=8), _Counter(7)
+    parts = {"net": ModelState(model), "net_opt": OptimizerState(model, opt, "net_opt"), "replay": buf,
+             "counter": counter}
+    config = CheckpointConfig(save_on_sigterm=False)
+    ckpt = Checkpointer(config, tmp_path / "run", parts, config={"seed": 1}).save(4)
+    assert {p.name for p in ckpt.iterdir()} == {"model", "replay", "state.json", "manifest.json"}
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["sharded"] == ["net", "net_opt"] and state["parts"] == {"counter": {"value": 7}}
+    saved_weight, saved_moment = model.weight.detach().clone(), opt.state[model.weight]["exp_avg"].clone()
+
+    with torch.no_grad():
+        model.weight.zero_()
+    opt.state[model.weight]["exp_avg"].zero_()
+    counter.value = 0
+    fresh_buf = ReplayBuffer(8, 4, 2, 2, pad_id=0)
+    parts["replay"] = fresh_buf
+    loader = Checkpointer(config, tmp_path / "run", parts, config={"seed": 1})
+    assert loader.load(ckpt) == 4
+    assert torch.equal(model.weight, saved_weight) and torch.equal(opt.state[model.weight]["exp_avg"], saved_moment)
+    assert counter.value == 7 and _rows_oldest_first(fresh_buf) == _rows_oldest_first(buf)
+
+    parts["other"] = _Counter()  # a part this checkpoint never held
+    with pytest.raises(CheckpointError, match="holds no state for other"):
+        Checkpointer(config, tmp_path / "run", parts, config={"seed": 1}).load(ckpt)
+
+
+def test_a_part_without_the_contract_is_refused_when_the_checkpointer_is_built(tmp_path):
+    with pytest.raises(TypeError, match=r"part 'counter' .* lacks \['a valid checkpoint_scope'\]"):
+        Checkpointer(CheckpointConfig(), tmp_path, {"counter": SimpleNamespace(state_dict=dict, load_state_dict=print)})
+    with pytest.raises(TypeError, match=r"lacks \['load_state_dict'\]"):
+        Checkpointer(CheckpointConfig(), tmp_path, {"x": SimpleNamespace(checkpoint_scope="run", state_dict=dict)})

@@ -25,7 +25,6 @@ from fastarcher.checkpoint import (
     CheckpointError,
     Checkpointer,
     SafeFileSystemReader,
-    _model_state,
     check_checkpoint,
     load_dcp,
 )
@@ -46,7 +45,7 @@ def saved_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ckpt_security") / "run"
     trainer = run_trainer(run_dir, "--iterations", "2", "--checkpoint.save-every", "1")
     ckpt = run_dir / "checkpoints" / "iter_000002"
-    assert json.loads((ckpt / "trainer.json").read_text())["optimizers"] == ["actor_opt", "critic_opt"]
+    assert json.loads((ckpt / "state.json").read_text())["sharded"][-2:] == ["actor_opt", "critic_opt"]
     return SimpleNamespace(run_dir=run_dir, ckpt=ckpt, trainer=trainer)
 
 
@@ -193,7 +192,9 @@ def test_train_cli_stops_with_one_line_error_and_never_runs_the_payload(run_copy
 
 def _private_state(trainer) -> dict:
     """The DCP state dict of the trainer, detached from its live tensors (a load must not touch them)."""
-    return copy.deepcopy(_model_state(trainer, ["actor_opt", "critic_opt"]))
+    parts = trainer.checkpointer.parts
+    return copy.deepcopy({name: parts[name].state_dict()
+                          for name in ("policy", "critic", "target", "actor_opt", "critic_opt")})
 
 
 def test_normal_checkpoint_loads_every_tensor_and_plain_value_exactly(saved_run):
@@ -247,9 +248,9 @@ def test_metadata_pointing_outside_the_checkpoint_folder_is_refused(run_copy, sa
     ckpt = run_copy / "checkpoints" / "iter_000002"
     metadata = _metadata(ckpt)
     index = MetadataIndex(LR)
-    metadata.storage_data[index] = _StorageInfo(relative_path="../../trainer.json", offset=0, length=10)
+    metadata.storage_data[index] = _StorageInfo(relative_path="../../state.json", offset=0, length=10)
     (ckpt / "model" / ".metadata").write_bytes(pickle.dumps(metadata))
-    with pytest.raises(CheckpointError, match=r"\.\./\.\./trainer\.json.*outside"):
+    with pytest.raises(CheckpointError, match=r"\.\./\.\./state\.json.*outside"):
         load_dcp(_private_state(saved_run.trainer), ckpt / "model")
 
 

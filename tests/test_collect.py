@@ -213,3 +213,15 @@ def test_context_window_must_not_be_negative(tok):
     runner = BatchedEnvRunner(GUESS, 1)
     with pytest.raises(ValueError, match="context_tokens"):
         play_episodes(runner, [0], tokenizer=tok, stop_id=stop_token_id(tok), picker=oracle_picker, context_tokens=-1)
+
+
+def test_sampled_lengths_undo_only_the_stop_token_that_closed_a_cut_utterance():
+    from fastarcher.rollout.collect import close_utterance, pad_rows, sampled_lengths
+
+    stop, max_new = 2, 4
+    # the engine stops at the stop token or after max_new_tokens: cut, full length, short, stop only
+    sampled = [[5, 6, 7, 8], [5, 6, 7, stop], [5, stop], [stop]]
+    closed = [close_utterance(list(u), stop) for u in sampled]
+    assert [len(c) for c in closed] == [5, 4, 2, 1]  # the cut one (4 tokens, no stop) got a stop appended
+    _, closed_len = pad_rows(closed, 0)
+    assert sampled_lengths(closed_len, max_new).tolist() == [len(u) for u in sampled]

@@ -164,6 +164,8 @@ def _agreement_worker(out_dir: str) -> None:
     from unittest import mock
 
     import fastarcher.checkpoint as ckpt
+    from fastarcher.checkpoint import files as ckfiles, manager
+    from fastarcher.dist import barrier
     from fastarcher.config import CheckpointConfig
     from fastarcher.dist import init_distributed, shutdown_distributed
 
@@ -175,29 +177,29 @@ def _agreement_worker(out_dir: str) -> None:
         folder.mkdir(parents=True)
         for name in ("a.bin", "b.bin"):
             (folder / name).write_bytes(name.encode())
-        files = {n: {"size": 5, "crc32": ckpt.file_crc32(folder / n)} for n in ("a.bin", "b.bin")}
+        files = {n: {"size": 5, "crc32": ckfiles.file_crc32(folder / n)} for n in ("a.bin", "b.bin")}
         (folder / "manifest.json").write_text(json.dumps({"format": ckpt.FORMAT_VERSION, "files": files}))
-    ckpt._barrier()
+    barrier()
     checker = ckpt.Checkpointer(CheckpointConfig(resume="auto", save_on_sigterm=False), run_dir,
                                 rank=info.rank, world_size=info.world_size)
 
     def listing_fails(folder):
         raise PermissionError(errno.EACCES, "Permission denied", str(folder))
 
-    with mock.patch.object(ckpt, "resume_candidates", listing_fails if info.is_main else ckpt.resume_candidates):
+    with mock.patch.object(manager, "resume_candidates", listing_fails if info.is_main else ckfiles.resume_candidates):
         try:
             checker.resolve()
         except Exception as error:  # noqa: BLE001 - the type and message are the result
             result["listing"] = f"{type(error).__name__}: {error}"
 
-    real_crc = ckpt.file_crc32
+    real_crc = ckfiles.file_crc32
 
     def crc_fails_on_rank_1(path):
         if info.rank == 1:
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_crc(path)
 
-    with mock.patch.object(ckpt, "file_crc32", crc_fails_on_rank_1):
+    with mock.patch.object(ckfiles, "file_crc32", crc_fails_on_rank_1):
         try:
             result["check"] = ckpt.check_checkpoint(folder)
         except Exception as error:  # noqa: BLE001
@@ -288,10 +290,10 @@ def test_full_disk_during_a_save_says_so(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    monkeypatch.setattr(ckpt.manager, "save_file", disk_full)
     where = re.escape(str(tmp_path / "run" / "checkpoints" / "iter_000000"))
     with pytest.raises(ckpt.CheckpointError, match=f"cannot save {where}: the disk is full"):
-        trainer.checkpointer.save(trainer)
+        trainer.checkpointer.save(trainer.iteration)
     trainer.logger.close()
 
 

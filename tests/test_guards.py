@@ -49,7 +49,7 @@ def test_finite_step_is_bitwise_the_plain_clip_and_step():
         loss = _loss(model)
         loss.backward()
         guard.track("critic", loss)
-        norm = guard.check_and_step("critic", model, opt, max_norm=0.05, iteration=0)
+        norm = guard.check_and_step("critic", opt, max_norm=0.05, iteration=0)
         ref_loss = _loss(ref)
         ref_loss.backward()
         ref_norm = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 0.05)
@@ -65,12 +65,12 @@ def test_nan_loss_skips_step_and_leaves_optimizer_state_untouched():
     model, opt = _model_and_opt()
     guard = StepGuard(GuardConfig(), log=lambda m: None)
     _loss(model).backward()
-    guard.check_and_step("critic", model, opt, max_norm=1.0, iteration=0)  # a real step creates Adam state
+    guard.check_and_step("critic", opt, max_norm=1.0, iteration=0)  # a real step creates Adam state
     params, state = _snapshot(model, opt)
     loss = _loss(model)
     loss.backward()  # finite gradients ...
     guard.track("critic", loss * float("nan"))  # ... but the loss that is reported is NaN
-    guard.check_and_step("critic", model, opt, max_norm=1.0, iteration=4)
+    guard.check_and_step("critic", opt, max_norm=1.0, iteration=4)
     assert _same(params, model.parameters())
     for key, values in state.items():  # Adam moments and step counter unchanged
         assert all(torch.equal(values[n], opt.state[key][n]) for n in values)
@@ -86,7 +86,7 @@ def test_infinite_gradient_with_finite_loss_is_skipped():
     loss = _loss(model)
     loss.backward()
     next(model.parameters()).grad[0, 0] = float("inf")
-    norm = guard.check_and_step("actor", model, opt, max_norm=1.0, iteration=0, loss=loss)
+    norm = guard.check_and_step("actor", opt, max_norm=1.0, iteration=0, loss=loss)
     assert math.isinf(float(norm))
     assert _same(params, model.parameters())
     assert guard.metrics()["guard/skipped_actor_steps"] == 1.0
@@ -98,38 +98,41 @@ def test_stops_after_consecutive_skips_naming_loss_value_and_step():
     guard = StepGuard(GuardConfig(max_consecutive_skips=3), log=messages.append)
     for step in range(2):
         _loss(model).backward()
-        guard.check_and_step("critic", model, opt, max_norm=1.0, iteration=7, loss=torch.tensor(float("nan")))
+        guard.check_and_step("critic", opt, max_norm=1.0, iteration=7, loss=torch.tensor(float("nan")))
     assert len(messages) == 2 and "2 in a row" in messages[1]
     _loss(model).backward()
     with pytest.raises(NonFiniteLossError) as info:
-        guard.check_and_step("critic", model, opt, max_norm=1.0, iteration=7, loss=torch.tensor(float("nan")))
+        guard.check_and_step("critic", opt, max_norm=1.0, iteration=7, loss=torch.tensor(float("nan")))
     text = str(info.value)
     assert "3 consecutive critic optimizer steps" in text
     assert "critic loss nan" in text and "iteration 7" in text and "critic step 3" in text
     assert "optim.critic_lr" in text  # says what to change
 
 
+def _guarded_steps(guard, model, opt, losses, iteration: int = 0) -> None:
+    """One backward and one guarded critic step per loss value (the value the guard sees)."""
+    for loss in losses:
+        _loss(model).backward()
+        guard.check_and_step("critic", opt, max_norm=1.0, iteration=iteration, loss=torch.tensor(loss))
+
+
 def test_a_good_step_resets_the_consecutive_count():
     model, opt = _model_and_opt()
     guard = StepGuard(GuardConfig(max_consecutive_skips=2), log=lambda m: None)
-    for loss in (float("nan"), 1.0, float("nan"), 1.0, float("inf")):
-        _loss(model).backward()
-        guard.check_and_step("critic", model, opt, max_norm=1.0, iteration=0, loss=torch.tensor(loss))
+    _guarded_steps(guard, model, opt, (float("nan"), 1.0, float("nan"), 1.0, float("inf")))
     assert guard.counters["critic"].skipped == 3 and guard.counters["critic"].consecutive == 1
 
 
 def test_zero_limit_never_stops_and_disabled_guard_steps_anyway():
     model, opt = _model_and_opt()
     guard = StepGuard(GuardConfig(max_consecutive_skips=0), log=lambda m: None)
-    for _ in range(5):
-        _loss(model).backward()
-        guard.check_and_step("critic", model, opt, max_norm=1.0, iteration=0, loss=torch.tensor(float("nan")))
+    _guarded_steps(guard, model, opt, [float("nan")] * 5)
     assert guard.counters["critic"].skipped == 5
     off = StepGuard(GuardConfig(skip_nonfinite=False), log=lambda m: None)
     loss = _loss(model)
     loss.backward()
     next(model.parameters()).grad.fill_(float("nan"))
-    off.check_and_step("critic", model, opt, max_norm=0.0, iteration=0, loss=loss)
+    off.check_and_step("critic", opt, max_norm=0.0, iteration=0, loss=loss)
     assert torch.isnan(next(model.parameters())).all()  # stepped with the NaN gradient
     assert off.metrics()["guard/skipped_steps"] == 0.0
 
@@ -139,7 +142,7 @@ def test_guard_counters_survive_state_dict_roundtrip():
     guard = StepGuard(GuardConfig(), log=lambda m: None)
     for loss in (float("nan"), 1.0):
         _loss(model).backward()
-        guard.check_and_step("actor", model, opt, max_norm=1.0, iteration=0, loss=torch.tensor(loss))
+        guard.check_and_step("actor", opt, max_norm=1.0, iteration=0, loss=torch.tensor(loss))
     restored = StepGuard(GuardConfig(), log=lambda m: None)
     restored.load_state_dict(guard.state_dict())
     assert restored.metrics() == guard.metrics() and restored.counters["actor"].steps == 2
@@ -153,7 +156,7 @@ def test_a_step_that_makes_parameters_non_finite_stops_the_run_naming_the_optimi
     loss = _loss(model)
     loss.backward()
     with pytest.raises(NonFiniteParametersError) as info:
-        guard.check_and_step("critic", model, opt, max_norm=1.0, iteration=5, loss=loss)
+        guard.check_and_step("critic", opt, max_norm=1.0, iteration=5, loss=loss)
     text = str(info.value)
     assert "\n" not in text and "critic parameters" in text and "iteration 5" in text and "nan" in text
     assert "optim.critic_lr" in text and "--checkpoint.resume auto" in text
@@ -169,7 +172,7 @@ def test_a_step_that_makes_parameters_huge_stops_the_run_at_the_configured_limit
     loss.backward()
     huge = r"actor parameters reach \|w\| = [0-9.]+e\+30.*guard.max_param_abs"
     with pytest.raises(NonFiniteParametersError, match=huge):
-        guard.check_and_step("actor", model, opt, max_norm=1.0, iteration=0, loss=loss)
+        guard.check_and_step("actor", opt, max_norm=1.0, iteration=0, loss=loss)
     # below the limit the same step is accepted
     model, opt = _model_and_opt()
     for group in opt.param_groups:
@@ -177,7 +180,7 @@ def test_a_step_that_makes_parameters_huge_stops_the_run_at_the_configured_limit
     loss = _loss(model)
     loss.backward()
     StepGuard(GuardConfig(max_param_abs=1e31), log=lambda m: None).check_and_step(
-        "actor", model, opt, max_norm=1.0, iteration=0, loss=loss)
+        "actor", opt, max_norm=1.0, iteration=0, loss=loss)
     assert 1e29 < largest_parameter(list(model.parameters())) < 1e31
 
 
@@ -199,16 +202,12 @@ def test_parameter_check_tells_overflow_of_the_norm_from_infinite_weights():
 def test_resume_resets_the_consecutive_count_and_keeps_the_totals():
     model, opt = _model_and_opt()
     guard = StepGuard(GuardConfig(max_consecutive_skips=3), log=lambda m: None)
-    for _ in range(2):
-        _loss(model).backward()
-        guard.check_and_step("critic", model, opt, max_norm=1.0, iteration=0, loss=torch.tensor(float("nan")))
+    _guarded_steps(guard, model, opt, [float("nan")] * 2)
     restored = StepGuard(GuardConfig(max_consecutive_skips=3), log=lambda m: None)
     restored.load_state_dict(guard.state_dict())
     assert restored.counters["critic"].consecutive == 0
     assert restored.counters["critic"].skipped == 2 and restored.counters["critic"].steps == 2
-    for _ in range(2):  # without the reset the first of these would already stop the run
-        _loss(model).backward()
-        restored.check_and_step("critic", model, opt, max_norm=1.0, iteration=1, loss=torch.tensor(float("nan")))
+    _guarded_steps(restored, model, opt, [float("nan")] * 2, iteration=1)  # without the reset: a stop at once
     assert restored.counters["critic"].consecutive == 2 and restored.metrics()["guard/skipped_steps"] == 4.0
 
 
@@ -220,7 +219,7 @@ def _rank_worker(rank: int, port: int, results):
     loss = _loss(model)
     loss.backward()
     bad = torch.tensor(float("nan")) if rank == 1 else loss  # only rank 1 sees a NaN loss
-    StepGuard(GuardConfig(), log=lambda m: None).check_and_step("critic", model, opt, max_norm=1.0, iteration=0,
+    StepGuard(GuardConfig(), log=lambda m: None).check_and_step("critic", opt, max_norm=1.0, iteration=0,
                                                                 loss=bad)
     results[rank] = _same(before, model.parameters())
     dist.destroy_process_group()
@@ -299,7 +298,7 @@ def test_trainer_stops_before_a_diverged_critic_reaches_the_target_or_a_checkpoi
     assert trainer.guard.counters["critic"].steps == 1  # stopped at the first step, not after many skips
     assert all(torch.isfinite(p).all() for p in trainer.target.parameters())  # no soft update from it
     with pytest.raises(CheckpointError, match=r"refusing to save .*critic weights are not finite"):
-        trainer.checkpointer.save(trainer)  # the save path refuses too, should anything call it
+        trainer.checkpointer.save(trainer.iteration)  # the save path refuses too, should anything call it
     assert not (trainer.run_dir / "checkpoints").exists() or not any((trainer.run_dir / "checkpoints").iterdir())
 
 

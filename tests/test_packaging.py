@@ -56,3 +56,11 @@ def test_setup_maps_kernels_under_fastarcher_only():
     text = (REPO / "setup.py").read_text()
     assert '"fastarcher.kernels": "kernels"' in text
     assert '"kernels"' not in text.replace('"fastarcher.kernels": "kernels"', "")
+
+
+def test_setup_lists_every_subpackage_of_fastarcher():
+    # a subpackage missing from setup.py works in an editable install and is absent from a wheel
+    text = (REPO / "setup.py").read_text()
+    found = sorted("fastarcher." + ".".join(p.parent.relative_to(REPO / "fastarcher").parts)
+                   for p in (REPO / "fastarcher").rglob("__init__.py") if p.parent != REPO / "fastarcher")
+    assert found and all(f'"{name}"' in text for name in found), found

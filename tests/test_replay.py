@@ -270,7 +270,7 @@ def _every_slot(buf: ReplayBuffer) -> TransitionBatch:
 
 @pytest.mark.parametrize("rows_added", [11, 21], ids=["not_wrapped", "wrapped"])
 def test_replay_shard_holds_only_filled_rows_and_restores_exactly(tmp_path, rows_added):
-    from fastarcher.replay import load_shard, save_shard
+    from fastarcher.checkpoint import load_rank_file, save_rank_file
 
     buf = ReplayBuffer(16, 10, 3, 4, pad_id=PAD)
     rng = random.Random(rows_added)
@@ -278,10 +278,10 @@ def test_replay_shard_holds_only_filled_rows_and_restores_exactly(tmp_path, rows
         buf.add(random_batch(rng, n, 12, 3, 4))
     assert len(buf) == min(rows_added, 16)
     assert all(v.shape[0] == len(buf) for k, v in buf.state_dict().items() if k in TransitionBatch.tensor_fields())
-    save_shard(buf, tmp_path / "shard.safetensors", metadata={"rank": 0})
+    save_rank_file(buf.state_dict(), tmp_path / "shard.safetensors")
     other = ReplayBuffer(16, 10, 3, 4, pad_id=PAD)
     other.add(tagged_batch(list(range(14))))  # stale rows: a restore must replace all of them
-    load_shard(other, tmp_path / "shard.safetensors")
+    other.load_state_dict(load_rank_file(tmp_path / "shard.safetensors"))
     assert (len(other), other.num_added, int(other.truncated_states)) == (len(buf), buf.num_added,
                                                                            int(buf.truncated_states))
     for name in TransitionBatch.tensor_fields():  # the same rows at the same slots, padding included
@@ -296,13 +296,13 @@ def test_replay_shard_holds_only_filled_rows_and_restores_exactly(tmp_path, rows
 
 
 def test_replay_shard_size_follows_filled_rows_not_capacity(tmp_path):
-    from fastarcher.replay import save_shard
+    from fastarcher.checkpoint import save_rank_file
 
     def size(capacity: int, rows: int) -> int:
         buf = ReplayBuffer(capacity, 32, 4, 8, pad_id=PAD)
         buf.add(tagged_batch(list(range(rows))))
         path = tmp_path / f"{capacity}_{rows}.safetensors"
-        save_shard(buf, path, metadata={"rank": 0})
+        save_rank_file(buf.state_dict(), path)
         return path.stat().st_size
 
     assert size(4096, 8) == size(16, 8)
@@ -312,7 +312,7 @@ def test_replay_shard_size_follows_filled_rows_not_capacity(tmp_path):
 
 
 def test_replay_shard_bytes_depend_only_on_the_state(tmp_path):
-    from fastarcher.replay import save_shard
+    from fastarcher.checkpoint import save_rank_file
 
     def build() -> ReplayBuffer:
         buf = ReplayBuffer(16, 10, 3, 4, pad_id=PAD)
@@ -323,7 +323,7 @@ def test_replay_shard_bytes_depend_only_on_the_state(tmp_path):
     blobs = set()
     for k, buf in enumerate([first, second] * 4):  # several saves: a hash-ordered header would differ
         path = tmp_path / f"shard_{k}.safetensors"
-        save_shard(buf, path, metadata={"world_size": 2, "rank": 1})
+        save_rank_file(buf.state_dict(), path)
         blobs.add(path.read_bytes())
     assert len(blobs) == 1
 

@@ -83,6 +83,18 @@ class BatchedEnvRunner:
         self.stats = []
         self._episode_counter = 0
 
+    # a per-rank checkpoint part: the episode numbering (in dropped-episode messages) goes on after a resume
+    checkpoint_scope = "rank"
+
+    def state_dict(self) -> dict:
+        return {"episode_counter": self._episode_counter}
+
+    def load_state_dict(self, state: dict) -> None:
+        count = state["episode_counter"]
+        if type(count) is not int or count < 0:
+            raise ValueError(f"episode_counter must be a non-negative integer, got {count!r}")
+        self._episode_counter = count
+
     @property
     def name(self) -> str:
         """Name of the environment."""

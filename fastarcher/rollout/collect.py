@@ -87,6 +87,12 @@ def close_utterance(tokens: list[int], stop_id: int) -> list[int]:
     return tokens if tokens and tokens[-1] == stop_id else tokens + [stop_id]
 
 
+def sampled_lengths(action_len: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """How many tokens of each closed utterance the policy sampled: all of them, except the stop token
+    `close_utterance` appended to one cut at max_new_tokens (the only way a closed one gets longer)."""
+    return action_len.clamp(max=max_new_tokens)
+
+
 def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad lists of ids → (B, T) int64 and lengths (B,)."""
     width = max((len(r) for r in rows), default=0)
