@@ -24,7 +24,7 @@ from fastarcher.envs import EnvConfig, TokenSizes
 from fastarcher.model import ModelConfig
 from fastarcher.traces.config import TraceConfig
 
-Algo = Literal["archer", "reinforce", "filtered_bc", "sft"]
+Algo = Literal["archer", "reinforce", "grpo", "rloo", "filtered_bc", "sft"]
 
 
 @dataclass(kw_only=True)
@@ -34,6 +34,9 @@ class RolloutConfig:
     planned and refused until it exists."""
     num_envs: int = 50
     """Episodes collected per iteration, over all ranks (ArCHer's rollout_size)."""
+    group_size: int = 1
+    """Episodes played from each env seed (GRPO / RLOO groups, verl's rollout.n); num_envs / processes must
+    be a multiple of it, so that no group straddles two processes."""
     temperature: float = 1.0
     """Sampling temperature for training rollouts and fresh actions a′."""
     top_p: float = 1.0
@@ -55,7 +58,7 @@ class RolloutConfig:
     def validate(self) -> None:
         if self.engine != "hf":
             raise ValueError(f"rollout.engine ({self.engine!r}) is not implemented yet: use --rollout.engine hf")
-        _positive(self, "rollout", "num_envs", "max_new_tokens", "max_batch", "sync_bucket_mb")
+        _positive(self, "rollout", "num_envs", "group_size", "max_new_tokens", "max_batch", "sync_bucket_mb")
         _non_negative(self, "rollout", "context_tokens")
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature ({self.temperature}) must be > 0 (use eval greedy for argmax)")
@@ -120,8 +123,10 @@ class BaselineConfig:
     """filtered_bc: fraction of the iteration's episodes (highest return) to imitate."""
     normalize_std: bool = False
     """reinforce: divide advantages by the return std (GRPO-style)."""
+    group_std: bool = True
+    """grpo: divide each group's advantages by its return std (GRPO); off is Dr. GRPO."""
     update_epochs: int = 1
-    """reinforce / filtered_bc: passes over each iteration's rollouts."""
+    """reinforce / grpo / rloo: passes over each iteration's rollouts."""
 
     def validate(self) -> None:
         if not 0 < self.filter_fraction <= 1:
@@ -232,7 +237,8 @@ class GuardConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     algo: Algo = "archer"
-    """Algorithm: archer (off-policy hierarchical actor-critic), reinforce, filtered_bc, or sft only."""
+    """Algorithm (docs/algorithms.md): archer (off-policy hierarchical actor-critic), reinforce, grpo, rloo,
+    filtered_bc, or sft only."""
     config: str | None = None
     """YAML preset whose values become the defaults (flags still override them)."""
     iterations: int = 100
@@ -269,6 +275,12 @@ class TrainConfig:
                 f"rollout.num_envs ({self.rollout.num_envs}) must be divisible by the number of processes "
                 f"({world_size})"
             )
+        if (self.rollout.num_envs // world_size) % self.rollout.group_size:
+            raise ValueError(f"rollout.num_envs ({self.rollout.num_envs}) / processes ({world_size}) must be a multiple "
+                             f"of rollout.group_size ({self.rollout.group_size}): a group is played on one process")
+        if self.algo in ("grpo", "rloo") and self.rollout.group_size < 2:
+            raise ValueError(f"algo {self.algo!r} compares episodes of the same env seed: set rollout.group_size to 2 "
+                             f"or more (e.g. --rollout.group-size 4)")
         if self.eval.random_episodes % world_size:
             raise ValueError(f"eval.random_episodes ({self.eval.random_episodes}) must be divisible by the number of "
                              f"processes ({world_size})")

@@ -42,3 +42,24 @@ def reduce_metrics(local: dict[str, float], world_size: int) -> dict[str, float]
         else:
             out[key] = float(summed[i]) / world_size
     return out
+
+
+class MetricBag:
+    """Collects 0-d tensors during an iteration; converted to floats once, at the logging point.
+
+    `count/*` keys are summed over the iteration, all others averaged."""
+
+    def __init__(self):
+        self._values: dict[str, list[torch.Tensor | float]] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
+        for key, value in metrics.items():
+            self._values.setdefault(key, []).append(value)
+
+    def means(self) -> dict[str, float]:
+        out = {}
+        for key, values in self._values.items():
+            stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in values])
+            # counts add up over the iteration; everything else is a mean over its steps (sync point)
+            out[key] = float(stacked.sum() if key.startswith("count/") else stacked.mean())
+        return out

@@ -95,6 +95,10 @@ class TransitionBatch:
             if not name.endswith("_ids") and t.dim() != 1:
                 raise ValueError(f"TransitionBatch.{name} must be 1-D (B,), got shape {tuple(t.shape)}")
 
+    def select(self, rows: slice | Tensor) -> "TransitionBatch":
+        """The rows `rows` (a slice or an index tensor on the batch's device) as a new batch."""
+        return TransitionBatch(**{f: getattr(self, f)[rows] for f in self.tensor_fields()}, pad_id=self.pad_id)
+
     def trimmed(self) -> "TransitionBatch":
         """Drop all-padding columns (widths cut to the longest row of each field).
 

@@ -28,7 +28,8 @@ def make_trainer(tmp_path, *flags):
     cfg.validate(world_size=1)
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     rollout = trainer.play(trainer.runner, trainer.train_seeds(), greedy=False)
-    trainer.buffer.add(rollout.transitions(cfg.archer.gamma, trainer.pad_id))
+    if trainer.algorithm.name == "archer":
+        trainer.algorithm.buffer.add(rollout.transitions(cfg.archer.gamma, trainer.pad_id))
     return trainer
 
 
@@ -42,19 +43,20 @@ def _one_thread(monkeypatch):
 
 
 def test_first_actor_step_with_a_shared_backbone_applies_the_actor_loss_alone(tmp_path):
-    from fastarcher.trainer import MetricBag
+    from fastarcher.metrics import MetricBag
 
     trainer = make_trainer(tmp_path, "--critic.encoder", "policy", "--critic.backbone-grad")
     backbone_before = [p.detach().clone() for p in trainer.policy.model.parameters()]
-    trainer.critic_phase(MetricBag())
+    archer = trainer.algorithm
+    archer.critic_phase(MetricBag(), trainer.iteration)
     # the critic optimizer owns the shared backbone: it stepped it with the critic's gradients, then zeroed them
     assert any(not torch.equal(p, b) for p, b in zip(trainer.policy.model.parameters(), backbone_before))
     assert all(p.grad is None for p in trainer.policy.parameters())
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     opt_state = copy.deepcopy(trainer.actor_opt.state_dict())
-    streams = trainer.sample_gen.get_state(), trainer.buffer_gen.get_state()
+    streams = trainer.streams.sample_gen.get_state(), trainer.streams.buffer_gen.get_state()
 
-    trainer.actor_phase(MetricBag())
+    archer.actor_phase(MetricBag(), trainer.iteration)
     update = [p.detach() - b for p, b in zip(trainer.policy.parameters(), before)]
 
     # reference: the same step from the same weights, optimizer state and streams, with no stale gradient
@@ -62,11 +64,11 @@ def test_first_actor_step_with_a_shared_backbone_applies_the_actor_loss_alone(tm
         for p, b in zip(trainer.policy.parameters(), before):
             p.copy_(b)
     trainer.actor_opt.load_state_dict(opt_state)
-    trainer.sample_gen.set_state(streams[0])
-    trainer.buffer_gen.set_state(streams[1])
+    trainer.streams.sample_gen.set_state(streams[0])
+    trainer.streams.buffer_gen.set_state(streams[1])
     trainer.policy.zero_grad(set_to_none=True)
     trainer.sync_engine()
-    trainer.actor_phase(MetricBag())
+    archer.actor_phase(MetricBag(), trainer.iteration)
     reference = [p.detach() - b for p, b in zip(trainer.policy.parameters(), before)]
 
     assert max(float(r.abs().max()) for r in reference) > 0
@@ -95,13 +97,13 @@ def test_cut_utterance_scores_only_its_sampled_tokens():
 
 
 def test_actor_loss_gets_the_log_prob_of_the_sampled_tokens_only(tmp_path, monkeypatch):
-    import fastarcher.trainer as trainer_module
-    from fastarcher.trainer import MetricBag
+    import fastarcher.algos.archer as archer_module
+    from fastarcher.metrics import MetricBag
 
     # no action constraint and 2 new tokens: most utterances are cut and closed with a stop token
     trainer = make_trainer(tmp_path, "--rollout.no-constrain-actions", "--rollout.max-new-tokens", "2")
     seen = {}
-    real_generate, real_actor_loss = trainer.engine.generate, trainer_module.actor_loss
+    real_generate, real_actor_loss = trainer.engine.generate, archer_module.actor_loss
 
     def record_generate(prompts, params, generator=None):
         out = real_generate(prompts, params, generator)
@@ -119,16 +121,18 @@ def test_actor_loss_gets_the_log_prob_of_the_sampled_tokens_only(tmp_path, monke
         return real_actor_loss(logprob_sum=logprob_sum, **kwargs)
 
     monkeypatch.setattr(trainer.engine, "generate", record_generate)
-    monkeypatch.setattr(trainer_module, "actor_loss", record_actor_loss)
-    trainer.actor_phase(MetricBag())
+    monkeypatch.setattr(archer_module, "actor_loss", record_actor_loss)
+    trainer.algorithm.actor_phase(MetricBag(), trainer.iteration)
     assert any(t[-1] != trainer.stop_id for t in seen["sampled"])  # at least one cut utterance
     assert torch.allclose(seen["got"], seen["expected"], rtol=0, atol=1e-5), (seen["got"], seen["expected"])
     trainer.logger.close()
 
 
 def test_reinforce_scores_the_sampled_tokens_of_cut_rollout_utterances_only(tmp_path, monkeypatch):
-    import fastarcher.trainer as trainer_module
-    from fastarcher.trainer import MetricBag
+    import fastarcher.algos.reinforce as reinforce_module
+    from fastarcher.algos.base import IterationBatch
+    from fastarcher.metrics import MetricBag
+    from fastarcher.replay import TransitionBatch
 
     # Rollout utterances cut at 2 new tokens are stored closed (3 tokens); the on-policy update must
     # score their 2 sampled tokens, and an utterance that sampled its own stop token whole.
@@ -138,7 +142,7 @@ def test_reinforce_scores_the_sampled_tokens_of_cut_rollout_utterances_only(tmp_
     transitions = rollout.transitions(trainer.cfg.archer.gamma, trainer.pad_id)
     assert int(transitions.action_len.max()) == 3  # at least one cut utterance, closed with a stop token
     seen = {}
-    real_select, real_loss = trainer_module._select_rows, trainer_module.policy_gradient_loss
+    real_select, real_loss = TransitionBatch.select, reinforce_module.policy_gradient_loss
 
     def record_select(batch, rows):
         seen["mb"] = real_select(batch, rows)
@@ -155,10 +159,9 @@ def test_reinforce_scores_the_sampled_tokens_of_cut_rollout_utterances_only(tmp_
         seen.setdefault("got", []).append(logprob_sum.detach())
         return real_loss(logprob_sum=logprob_sum, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "_select_rows", record_select)
-    monkeypatch.setattr(trainer_module, "policy_gradient_loss", record_loss)
-    weights = torch.ones(len(transitions))
-    trainer.on_policy_phase(transitions, weights, MetricBag(), "reinforce")
+    monkeypatch.setattr(TransitionBatch, "select", record_select)
+    monkeypatch.setattr(reinforce_module, "policy_gradient_loss", record_loss)
+    trainer.algorithm.update(IterationBatch(0, rollout, transitions), MetricBag())
     got, expected, closed = (torch.cat(seen[k]) for k in ("got", "expected", "closed"))
     assert torch.allclose(got, expected, rtol=0, atol=1e-5), (got, expected)
     assert not torch.allclose(got, closed, rtol=0, atol=1e-3)  # the appended stop tokens would have counted

@@ -45,7 +45,7 @@ def saved_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ckpt_security") / "run"
     trainer = run_trainer(run_dir, "--iterations", "2", "--checkpoint.save-every", "1")
     ckpt = run_dir / "checkpoints" / "iter_000002"
-    assert json.loads((ckpt / "state.json").read_text())["sharded"][-2:] == ["actor_opt", "critic_opt"]
+    assert {"actor_opt", "critic_opt"} <= set(json.loads((ckpt / "state.json").read_text())["sharded"])
     return SimpleNamespace(run_dir=run_dir, ckpt=ckpt, trainer=trainer)
 
 

@@ -73,7 +73,7 @@ def test_help_lists_every_flag_with_default_and_description(help_text):
 def test_help_shows_known_defaults_and_descriptions(help_text):
     entries = help_entries(help_text)
     assert entries["--replay.capacity"] == "Transitions kept per rank (oldest overwritten first). (default: 100000)"
-    assert entries["--algo"].startswith("Algorithm: archer")
+    assert entries["--algo"].startswith("Algorithm (docs/algorithms.md): archer")
     assert entries["--algo"].endswith("(default: archer)")
     assert "(default: 0.99)" in entries["--archer.gamma"]
     assert "--log.progress, --log.no-progress" in help_text

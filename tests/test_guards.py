@@ -260,7 +260,7 @@ def trainer(tmp_path, monkeypatch):
 
 
 def test_trainer_skips_a_nan_critic_step_and_keeps_training(trainer, monkeypatch):
-    import fastarcher.trainer as trainer_module
+    import fastarcher.algos.archer as trainer_module
 
     real = trainer_module.critic_loss
     calls = {"n": 0}
@@ -276,11 +276,11 @@ def test_trainer_skips_a_nan_critic_step_and_keeps_training(trainer, monkeypatch
     second = trainer.iterate()
     assert second["guard/skipped_critic_steps"] == 1.0  # cumulative; no new skip
     assert math.isfinite(second["critic/q_loss"])
-    assert all(torch.isfinite(p).all() for p in trainer.critic.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.algorithm.critic.parameters())
 
 
 def test_trainer_stops_after_consecutive_nan_steps_with_a_clear_message(trainer, monkeypatch):
-    import fastarcher.trainer as trainer_module
+    import fastarcher.algos.archer as trainer_module
 
     real = trainer_module.critic_loss
     monkeypatch.setattr(trainer_module, "critic_loss", lambda **kw: (real(**kw)[0] * float("nan"), real(**kw)[1]))
@@ -291,12 +291,12 @@ def test_trainer_stops_after_consecutive_nan_steps_with_a_clear_message(trainer,
 def test_trainer_stops_before_a_diverged_critic_reaches_the_target_or_a_checkpoint(trainer):
     from fastarcher.checkpoint import CheckpointError
 
-    for group in trainer.critic_opt.param_groups:
+    for group in trainer.algorithm.critic_opt.param_groups:
         group["lr"] = float("inf")
     with pytest.raises(NonFiniteParametersError, match=r"critic parameters .* at iteration 0 \(critic step 1\)"):
         trainer.iterate()
     assert trainer.guard.counters["critic"].steps == 1  # stopped at the first step, not after many skips
-    assert all(torch.isfinite(p).all() for p in trainer.target.parameters())  # no soft update from it
+    assert all(torch.isfinite(p).all() for p in trainer.algorithm.target.parameters())  # no soft update from it
     with pytest.raises(CheckpointError, match=r"refusing to save .*critic weights are not finite"):
         trainer.checkpointer.save(trainer.iteration)  # the save path refuses too, should anything call it
     assert not (trainer.run_dir / "checkpoints").exists() or not any((trainer.run_dir / "checkpoints").iterdir())

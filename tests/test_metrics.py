@@ -42,7 +42,7 @@ def test_two_ranks_sum_max_and_mean_by_hand():
 
 
 def test_metric_bag_sums_counts_and_averages_the_rest():
-    from fastarcher.trainer import MetricBag
+    from fastarcher.metrics import MetricBag
 
     bag = MetricBag()
     bag.add({"count/fresh_generate_calls": 1.0, "critic/q_loss": torch.tensor(2.0)})

@@ -55,15 +55,16 @@ def metrics_rows(run_dir: Path) -> list[dict]:
 def full_state(trainer) -> dict:
     """Every tensor that decides what happens next."""
     state = {f"policy.{k}": v for k, v in trainer.policy.state_dict().items()}
-    state.update({f"critic.{k}": v for k, v in trainer.critic.state_dict().items()})
-    state.update({f"target.{k}": v for k, v in trainer.target.state_dict().items()})
+    archer = trainer.algorithm
+    state.update({f"critic.{k}": v for k, v in archer.critic.state_dict().items()})
+    state.update({f"target.{k}": v for k, v in archer.target.state_dict().items()})
     state.update({f"engine.{k}": v for k, v in trainer.engine.model.state_dict().items()})
-    for name in ("actor_opt", "critic_opt"):
-        for i, s in getattr(trainer, name).state_dict()["state"].items():
+    for name, opt in (("actor_opt", trainer.actor_opt), ("critic_opt", archer.critic_opt)):
+        for i, s in opt.state_dict()["state"].items():
             state.update({f"{name}.{i}.{k}": v for k, v in s.items()})
-    state.update({f"replay.{k}": v for k, v in trainer.buffer.state_dict().items()})
+    state.update({f"replay.{k}": v for k, v in archer.buffer.state_dict().items()})
     for name in ("sample_gen", "buffer_gen", "cpu_gen"):
-        state[name] = getattr(trainer, name).get_state()
+        state[name] = getattr(trainer.streams, name).get_state()
     state["torch_rng"] = torch.get_rng_state()
     return state
 
@@ -107,7 +108,7 @@ def test_resuming_a_finished_run_trains_nothing_and_applies_a_new_learning_rate(
     trainer.logger.close()
     assert trainer.iteration == 4 and summary["final/eval_success_rate"] == straight_summary["final/eval_success_rate"]
     assert metrics_rows(run_dir) == metrics_rows(straight_dir)
-    assert trainer.critic_opt.param_groups[0]["lr"] == 0.0005
+    assert trainer.algorithm.critic_opt.param_groups[0]["lr"] == 0.0005
     assert any("critic_opt lr 0.001 in the checkpoint, 0.0005 from this run's config" in m for m in messages)
     assert any("optim.critic_lr 0.001 → 0.0005" in m for m in messages)
     state = full_state(trainer)

@@ -4,7 +4,6 @@
 import json
 import math
 
-import pytest
 import torch
 import yaml
 
@@ -73,16 +72,3 @@ def test_cli_single_process_without_torchrun(tmp_path):
     proc = run_python(["-m", "fastarcher.train", *TINY_FLAGS, "--log.run-dir", str(run_dir)], timeout=240)
     rows = check_run_folder(run_dir, proc)
     assert rows[1]["replay/size"] > 0
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("algo", ["reinforce", "filtered_bc"])
-def test_cli_baseline_algorithms_single_process(tmp_path, algo):
-    run_dir = tmp_path / "run"
-    flags = [f if f != "archer" else algo for f in TINY_FLAGS]
-    proc = run_python(["-m", "fastarcher.train", *flags, "--log.run-dir", str(run_dir)], timeout=240)
-    assert proc.returncode == 0, describe(proc)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
-    assert all(k in rows[2] for k in ROLLOUT_KEYS + EVAL_KEYS)
-    assert (run_dir / "summary.json").is_file()

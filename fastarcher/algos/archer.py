@@ -10,7 +10,8 @@ archer/algorithms/archer/trainer.py (`critic_loss`, `actor_loss`). The math here
 - advantage A = min(Q1, Q2)(s, a′) − min(V1, V2)(s), online critic, no gradient
 - actor loss = −mean_b(A_b · Σ_h log π(a′_h | s, a′_<h)) − entropy_coeff · mean_b(entropy_b)
 
-Every function is pure (tensors in, tensors out): no model calls, no `.item()`, no collectives. Losses
+Every loss function is pure (tensors in, tensors out): no model calls, no `.item()`, no collectives;
+`Archer` at the end is the algorithm the training loop runs (fastarcher/algos/base.py). Losses
 are means over the rows of one microbatch; with gradient accumulation over k microbatches the trainer
 divides each loss by k, so the step sees the mean over all k·B rows and the learning rate does not
 depend on k. (The reference code sums the k microbatch gradients instead, i.e. its effective lr is
@@ -18,9 +19,16 @@ k times ours.) Metrics are detached 0-d tensors keyed `section/name`.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fastarcher.checkpoint import ModelState, OptimizerState
+from fastarcher.critic import DoubleCritic, make_target, soft_update
+from fastarcher.parallel import parallelize
+from fastarcher.replay import ReplayBuffer
 
 
 def _std(x: Tensor) -> Tensor:
@@ -169,3 +177,144 @@ def token_baseline_actor_loss(
         "actor/loss": loss.detach(),
     }
     return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# The algorithm the training loop runs (fastarcher/algos/base.py): builds the critics and the replay
+# buffer, and runs the losses above in the paper's order.
+
+
+def _mask(lengths: Tensor, width: int) -> Tensor:
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+
+
+def _trim(ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    return ids[:, : max(int(lengths.max()), 1)], lengths
+
+
+class Archer:
+    """`--algo archer`. Every iteration: add the turns to the replay buffer; `critic_epochs` critic steps
+    on replayed transitions (a fresh a′ ~ π for the V targets), each followed by a Polyak update of the
+    target; after `warmup_iterations`, `actor_epochs` actor steps with A = min Q(s, a′) − min V(s). The
+    fresh actions of a phase are drawn in large batched engine calls at its start (the policy does not
+    change during the critic epochs; the actor phase draws again after every actor step).
+
+    Owns (and checkpoints) the double critic, its target, the critic optimizer and the replay buffer.
+    With `critic.encoder policy` the critic embeds with the policy's backbone (one process only); with
+    `critic.backbone_grad` as well, the critic optimizer also owns the backbone's parameters, so the
+    critic's gradients there are stepped and cleared by it and the actor steps its own loss only.
+    """
+
+    name = "archer"
+
+    def __init__(self, ctx):
+        self.ctx, cfg = ctx, ctx.cfg
+        actor, device = ctx.actor, ctx.actor.device
+        backbone = actor.policy.model if cfg.critic.encoder == "policy" else None  # one process only (validate)
+        critic = DoubleCritic(cfg.critic, vocab_size=ctx.vocab_size, pad_id=actor.pad_id, backbone=backbone)
+        self.critic, self.target = critic.to(device), make_target(critic).to(device)
+        if ctx.mesh is not None:
+            parallelize(self.critic, self.critic.encoder_layers(), ctx.mesh)
+            parallelize(self.target, self.target.encoder_layers(), ctx.mesh)
+        self.critic.train()
+        self.critic_modules = self.critic
+        if backbone is not None and cfg.critic.backbone_grad:
+            self.critic_modules = torch.nn.ModuleDict({"critic": self.critic, "backbone": backbone})
+        self.critic_opt = torch.optim.AdamW(self.critic_modules.parameters(), lr=cfg.optim.critic_lr,
+                                            weight_decay=cfg.optim.weight_decay)
+        # s′ is rebuilt as the last `state_window` tokens of s ⊕ a ⊕ o, the same window the rollout keeps
+        self.state_window = cfg.rollout.context_tokens or cfg.replay.max_state_len
+        r = cfg.replay
+        self.buffer = ReplayBuffer(r.capacity, r.max_state_len, r.max_action_len, r.max_obs_len, pad_id=actor.pad_id,
+                                   device=device)
+        self._parts = {"critic": ModelState(self.critic), "target": ModelState(self.target),
+                       "critic_opt": OptimizerState(self.critic_modules, self.critic_opt, "critic_opt", ctx.log),
+                       "replay": self.buffer}
+
+    def parts(self) -> dict:
+        return dict(self._parts)
+
+    def describe(self) -> str:
+        params = sum(p.numel() for p in self.critic.parameters())
+        return f"critic: {params:,} params ({self.ctx.cfg.critic.encoder} encoder); {self.buffer.describe()}"
+
+    def update(self, batch, bag) -> dict[str, float]:
+        a = self.ctx.cfg.archer
+        if len(batch.transitions):
+            self.buffer.add(batch.transitions.to(self.ctx.actor.device))
+        t0 = time.perf_counter()
+        self.critic_phase(bag, batch.iteration)
+        out = {"time/critic_s": time.perf_counter() - t0, "replay/size": float(len(self.buffer))}
+        if batch.iteration >= a.warmup_iterations and a.actor_epochs > 0:
+            t1 = time.perf_counter()
+            sync_s = self.actor_phase(bag, batch.iteration)
+            out.update({"time/actor_s": time.perf_counter() - t1 - sync_s, "time/sync_s": sync_s})
+        return out
+
+    def critic_phase(self, bag, iteration: int) -> None:
+        a, ctx = self.ctx.cfg.archer, self.ctx
+        micro = a.critic_epochs * a.grad_accum
+        batch = self.buffer.sample(a.batch_size * micro, ctx.streams.buffer_gen)
+        fresh_ids, fresh_len, _, calls = ctx.actor.sample_actions(batch, ctx.streams.sample_gen)
+        bag.add({"count/fresh_generate_calls": float(calls)})
+        for step in range(a.critic_epochs):
+            for k in range(a.grad_accum):
+                rows = slice((step * a.grad_accum + k) * a.batch_size, (step * a.grad_accum + k + 1) * a.batch_size)
+                mb = batch.select(rows).trimmed()
+                f_ids, f_len = _trim(fresh_ids[rows], fresh_len[rows])
+                s_mask = _mask(mb.state_len, mb.state_ids.shape[1])
+                a_mask = _mask(mb.action_len, mb.action_ids.shape[1])
+                q1, q2, v1, v2 = self.critic(mb.state_ids, s_mask, mb.action_ids, a_mask)
+                with torch.no_grad():
+                    tq1, tq2, _, _ = self.target(mb.state_ids, s_mask, f_ids, _mask(f_len, f_ids.shape[1]))
+                    next_ids, next_len = mb.next_state(self.state_window)
+                    _, _, tv1, tv2 = self.target(next_ids, _mask(next_len, next_ids.shape[1]), mb.action_ids, a_mask)
+                    y_q1, y_q2, y_v1, y_v2 = critic_targets(
+                        reward=mb.reward, done=mb.done, target_v1_next=tv1, target_v2_next=tv2,
+                        target_q1_fresh=tq1, target_q2_fresh=tq2, gamma=a.gamma)
+                loss, metrics = critic_loss(q1=q1, q2=q2, v1=v1, v2=v2, y_q1=y_q1, y_q2=y_q2, y_v1=y_v1, y_v2=y_v2)
+                (loss / a.grad_accum).backward()
+                ctx.guard.track("critic", loss / a.grad_accum)
+                bag.add(metrics)
+            bag.add({"critic/grad_norm": ctx.guard.check_and_step(
+                "critic", self.critic_opt, max_norm=ctx.cfg.optim.critic_grad_clip, iteration=iteration)})
+            soft_update(self.target, self.critic, a.tau)
+
+    def actor_phase(self, bag, iteration: int) -> float:
+        """ArCHer actor steps; returns the seconds spent syncing the engine after each step."""
+        a, ctx = self.ctx.cfg.archer, self.ctx
+        actor, traces = ctx.actor, ctx.actor.traces
+        sync_s = 0.0
+        for epoch in range(a.actor_epochs):
+            step = (iteration - a.warmup_iterations) * a.actor_epochs + epoch  # actor step index of the traces
+            batch = self.buffer.sample(a.batch_size * a.grad_accum, ctx.streams.buffer_gen)
+            fresh_ids, fresh_len, fresh_sampled, calls = actor.sample_actions(batch, ctx.streams.sample_gen)
+            bag.add({"count/fresh_generate_calls": float(calls)})
+            for k in range(a.grad_accum):
+                rows = slice(k * a.batch_size, (k + 1) * a.batch_size)
+                mb = batch.select(rows).trimmed()
+                f_ids, f_len = _trim(fresh_ids[rows], fresh_len[rows])
+                f_sampled = fresh_sampled[rows]  # f_len less a stop token appended to a cut utterance
+                with torch.no_grad():
+                    s_mask = _mask(mb.state_len, mb.state_ids.shape[1])
+                    q1, q2, v1, v2 = self.critic(mb.state_ids, s_mask, f_ids, _mask(f_len, f_ids.shape[1]))
+                    advantage = archer_advantage(q1=q1, q2=q2, v1=v1, v2=v2)
+                    if a.advantage_baseline == "batch_mean":
+                        advantage = advantage - advantage.mean()
+                    if a.normalize_advantage:
+                        advantage = advantage / (advantage.std(correction=0) + 1e-6)
+                # the traces see the scored tokens only, as the loss does
+                with traces.actor_micro_batch(step, mb.state_ids, mb.state_len, f_ids, f_sampled, advantage=advantage,
+                                              q_value=torch.minimum(q1, q2)) as trace:  # forward + backward inside
+                    logprob_sum, entropy = actor.logprobs(mb.state_ids, mb.state_len, f_ids, f_len, trace=trace,
+                                                          sampled_len=f_sampled)
+                    loss, metrics = actor_loss(logprob_sum=logprob_sum, advantage=advantage, entropy=entropy,
+                                               entropy_coeff=a.entropy_coeff)
+                    (loss / a.grad_accum).backward()
+                ctx.guard.track("actor", loss / a.grad_accum)
+                bag.add(metrics)
+            bag.add(traces.finish_step(step))  # {} unless a trace is due at this step
+            bag.add({"actor/grad_norm": ctx.guard.check_and_step(
+                "actor", actor.optimizer, max_norm=ctx.cfg.optim.actor_grad_clip, iteration=iteration)})
+            sync_s += actor.sync_engine()  # the next epoch samples a′ from the updated policy
+        return sync_s

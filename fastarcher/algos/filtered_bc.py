@@ -4,14 +4,18 @@ The simple offline/online baseline of the ArCHer paper ("Filtered BC", Zhou et a
 https://arxiv.org/abs/2402.19446): keep the utterances of the best `fraction` of trajectories and
 maximise their log-likelihood. With every row kept this is plain supervised fine-tuning (`sft`).
 
-Pure functions: tensors in, tensors out; no `.item()`, no collectives.
+The losses are pure functions (tensors in, tensors out; no `.item()`, no collectives); the class at the
+end is the algorithm the training loop runs (fastarcher/algos/base.py).
 """
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import Tensor
+
+from fastarcher.algos.on_policy import weighted_updates
 
 
 @torch.no_grad()
@@ -51,3 +55,28 @@ def bc_loss(*, logprob_sum: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Ten
         "actor/logprob_mean": (weight * logprob_sum.detach()).sum() / kept.clamp(min=1.0),
     }
     return nll, metrics
+
+
+class FilteredBC:
+    """`--algo filtered_bc`: behaviour cloning on every turn of this iteration's top `baseline.filter_fraction`
+    episodes by return. Builds nothing: no critic, no replay buffer."""
+
+    name = "filtered_bc"
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def parts(self) -> dict:
+        return {}
+
+    def update(self, batch, bag) -> dict[str, float]:
+        t0 = time.perf_counter()
+        kept = batch.rollout.kept()
+        returns = torch.tensor([e.total_reward for e in kept], dtype=torch.float32)
+        top = filter_top_fraction(returns, self.ctx.cfg.baseline.filter_fraction).tolist()
+        keep = torch.tensor([float(k) for e, k in zip(kept, top) for _ in e.turns])  # every turn of a kept episode
+        weighted_updates(self.ctx, batch.transitions, keep, bag,
+                         lambda logprob_sum, w: bc_loss(logprob_sum=logprob_sum, mask=w.bool()),
+                         epochs=1, iteration=batch.iteration)
+        sync_s = self.ctx.actor.sync_engine()
+        return {"time/actor_s": time.perf_counter() - t0 - sync_s, "time/sync_s": sync_s}

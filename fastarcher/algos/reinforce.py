@@ -6,12 +6,17 @@ baseline is the batch mean, the plain REINFORCE-with-baseline that learned guess
 design notes. Optionally the advantage is divided by the group's std (GRPO's normalisation).
 The policy gradient is on-policy: loss = −mean_b(A_b · Σ_h log π(a_h | s, a_<h)).
 
-Pure functions: tensors in, tensors out; no `.item()`, no collectives.
+The losses are pure functions (tensors in, tensors out; no `.item()`, no collectives); the class at the
+end is the algorithm the training loop runs (fastarcher/algos/base.py).
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
+
+from fastarcher.algos.on_policy import weighted_updates
 
 
 @torch.no_grad()
@@ -66,3 +71,27 @@ def policy_gradient_loss(*, logprob_sum: Tensor, advantage: Tensor) -> tuple[Ten
         "actor/logprob_mean": logprob_sum.detach().mean(),
     }
     return pg_loss, metrics
+
+
+class Reinforce:
+    """`--algo reinforce`: on-policy REINFORCE over the iteration's turns, each weighted by its episode's
+    batch-mean-baselined Monte-Carlo return (optionally std-normalised), `baseline.update_epochs` passes.
+    Builds nothing: no critic, no replay buffer."""
+
+    name = "reinforce"
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def parts(self) -> dict:
+        return {}
+
+    def update(self, batch, bag) -> dict[str, float]:
+        t0 = time.perf_counter()
+        cfg = self.ctx.cfg
+        advantage = group_advantages(batch.transitions.mc_return, None, normalize_std=cfg.baseline.normalize_std)
+        weighted_updates(self.ctx, batch.transitions, advantage, bag,
+                         lambda logprob_sum, w: policy_gradient_loss(logprob_sum=logprob_sum, advantage=w),
+                         epochs=cfg.baseline.update_epochs, iteration=batch.iteration)
+        sync_s = self.ctx.actor.sync_engine()
+        return {"time/actor_s": time.perf_counter() - t0 - sync_s, "time/sync_s": sync_s}

@@ -1,0 +1,78 @@
+"""Group-baselined policy gradient: GRPO and RLOO over groups of episodes played from the same env seed.
+
+With `rollout.group_size` G > 1 the loop plays G episodes from every env seed (the multi-turn analogue of
+G responses per prompt). Each episode's return R_e is compared with the other episodes of its group:
+
+- `grpo` (Shao et al. 2024, https://arxiv.org/abs/2402.03300): A_e = (R_e − mean_g R) / (std_g R + ε),
+  std the unbiased sample std; `--baseline.no-group-std` drops the division (Dr. GRPO, Liu et al. 2025,
+  https://arxiv.org/abs/2503.20783, which shows the std division biases toward too-easy/too-hard groups).
+- `rloo` (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740): A_e = R_e − mean_{j≠e in g} R_j.
+
+Credit is trajectory-level, as verl / RAGEN do for multi-turn outcome rewards: every turn of an episode
+gets its episode's advantage, and the loss is −mean over turns of A · Σ_h log π(a_h | s, a_<h) (no ratio
+clipping: one on-policy pass per `baseline.update_epochs`). Groups never straddle ranks (the loop deals
+whole groups to each rank), so the baselines need no communication.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from fastarcher.algos.estimators import rloo_advantages
+from fastarcher.algos.on_policy import weighted_updates
+from fastarcher.algos.reinforce import group_advantages, policy_gradient_loss
+
+
+def turn_weights(episode_advantages: Tensor, turns_per_episode: list[int]) -> Tensor:
+    """Every turn of episode e gets A_e: (sum of turns,) in the order `RolloutResult.transitions` lists
+    the turns (episode by episode)."""
+    counts = torch.tensor(turns_per_episode, dtype=torch.long)
+    return torch.repeat_interleave(episode_advantages, counts)
+
+
+class _GroupPolicyGradient:
+    name = ""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def parts(self) -> dict:
+        return {}
+
+    def advantages(self, returns: Tensor, groups: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, batch, bag) -> dict[str, float]:
+        t0 = time.perf_counter()
+        kept = batch.rollout.kept()
+        returns = torch.tensor([e.total_reward for e in kept], dtype=torch.float32)  # (E,)
+        groups = torch.tensor([e.seed for e in kept], dtype=torch.long)  # (E,) the group is the env seed
+        advantage = self.advantages(returns, groups)
+        bag.add({"actor/episode_advantage_abs": advantage.abs().mean() if len(advantage) else torch.zeros(())})
+        weights = turn_weights(advantage, [len(e.turns) for e in kept])
+        weighted_updates(self.ctx, batch.transitions, weights, bag,
+                         lambda logprob_sum, w: policy_gradient_loss(logprob_sum=logprob_sum, advantage=w),
+                         epochs=self.ctx.cfg.baseline.update_epochs, iteration=batch.iteration)
+        sync_s = self.ctx.actor.sync_engine()
+        return {"time/actor_s": time.perf_counter() - t0 - sync_s, "time/sync_s": sync_s}
+
+
+class GRPO(_GroupPolicyGradient):
+    """`--algo grpo`: group-mean baseline, divided by the group's std unless `--baseline.no-group-std`."""
+
+    name = "grpo"
+
+    def advantages(self, returns: Tensor, groups: Tensor) -> Tensor:
+        return group_advantages(returns, groups, normalize_std=self.ctx.cfg.baseline.group_std)
+
+
+class RLOO(_GroupPolicyGradient):
+    """`--algo rloo`: leave-one-out baseline within each group."""
+
+    name = "rloo"
+
+    def advantages(self, returns: Tensor, groups: Tensor) -> Tensor:
+        return rloo_advantages(returns, groups)

@@ -1,0 +1,21 @@
+"""`--algo NAME` → the algorithm class the training loop builds (fastarcher/algos/base.py)."""
+
+from __future__ import annotations
+
+from fastarcher.algos.archer import Archer
+from fastarcher.algos.base import AlgoContext, Algorithm
+from fastarcher.algos.filtered_bc import FilteredBC
+from fastarcher.algos.group import GRPO, RLOO
+from fastarcher.algos.reinforce import Reinforce
+
+REGISTRY = {cls.name: cls for cls in (Archer, Reinforce, GRPO, RLOO, FilteredBC)}
+"""Algorithms with an update step; `sft` is the warm start alone and builds none."""
+
+
+def build_algorithm(ctx: AlgoContext) -> Algorithm | None:
+    """The algorithm `ctx.cfg.algo` names, built from the context (None for `sft`)."""
+    if ctx.cfg.algo == "sft":
+        return None
+    if ctx.cfg.algo not in REGISTRY:
+        raise ValueError(f"algo {ctx.cfg.algo!r} is not one of {', '.join(sorted(REGISTRY))} or sft")
+    return REGISTRY[ctx.cfg.algo](ctx)
