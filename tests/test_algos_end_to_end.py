@@ -42,4 +42,8 @@ def test_every_algorithm_resumes_bit_exactly_under_torchrun(tmp_path, algo):
     straight = _run(tmp_path, "straight", algo, "frozenlake", "--iterations", "3")
     _run(tmp_path, "resumed", algo, "frozenlake", "--iterations", "2")
     resumed = _run(tmp_path, "resumed", algo, "frozenlake", "--iterations", "3", "--checkpoint.resume", "auto")
-    assert resumed == straight
+    # the 2-iteration run evaluates at its last iteration, the straight run does not (eval.every 0): the
+    # evaluation (on its own seeds, the training stream put back) is left out of that row only
+    without_eval = [{k: v for k, v in row.items() if not k.startswith("eval/")} for row in resumed]
+    assert without_eval[:3] == [{k: v for k, v in row.items() if not k.startswith("eval/")} for row in straight[:3]]
+    assert resumed[3] == straight[3]
