@@ -62,3 +62,11 @@ def test_train_seeds_repeat_each_seed_group_size_times(tmp_path, monkeypatch):
     trainer.iteration = 1
     assert trainer.train_seeds()[0] == seeds[0] + 6  # the next iteration's groups are new seeds
     trainer.logger.close()
+
+
+def test_algorithm_modules_import_nothing_from_the_trainer():
+    from dist_helpers import REPO
+
+    for path in sorted((REPO / "fastarcher" / "algos").glob("*.py")):
+        text = path.read_text()
+        assert "fastarcher.trainer" not in text and "from fastarcher import trainer" not in text, path.name
