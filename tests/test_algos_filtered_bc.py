@@ -54,5 +54,11 @@ def test_bc_loss_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x: bc_loss(logprob_sum=x, mask=mask)[0], (lp,))
 
 
-def test_algorithm_registry_names():
-    assert ALGORITHMS == ("archer", "reinforce", "filtered_bc", "sft")
+def test_algorithm_names_agree_across_the_flag_type_and_the_registry():
+    from typing import get_args
+
+    from fastarcher.algos.registry import REGISTRY
+    from fastarcher.config import Algo
+
+    assert ALGORITHMS == ("archer", "reinforce", "grpo", "rloo", "filtered_bc", "sft")
+    assert set(get_args(Algo)) == set(ALGORITHMS) == set(REGISTRY) | {"sft"}
