@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from fastarcher.actor import Actor
 from fastarcher.algos.base import AlgoContext, IterationBatch
-from fastarcher.algos.filtered_bc import bc_loss
+from fastarcher.algos.filtered_bc import masked_bc_loss
 from fastarcher.algos.on_policy import policy_step
 from fastarcher.algos.registry import build_algorithm
 from fastarcher.checkpoint import CheckpointError, Checkpointer, ModelState, OptimizerState
@@ -186,7 +185,7 @@ class Trainer:
         for step in range(ws.steps):
             bag = MetricBag()
             rows = torch.randint(len(transitions), (ws.batch_size,), generator=self.cpu_gen)
-            policy_step(self.algo_ctx, transitions, rows, keep, bag, _bc, optimizer, 1.0, sampled=False,
+            policy_step(self.algo_ctx, transitions, rows, keep, bag, masked_bc_loss, optimizer, 1.0, sampled=False,
                         iteration=self.iteration)
             if (step + 1) % max(ws.steps // 5, 1) == 0 or step + 1 == ws.steps:
                 m = reduce_metrics(bag.means(), self.info.world_size)
@@ -296,6 +295,3 @@ class Trainer:
 def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
-
-def _bc(logprob_sum: Tensor, keep: Tensor):
-    return bc_loss(logprob_sum=logprob_sum, mask=keep.bool())

@@ -4,18 +4,17 @@ The simple offline/online baseline of the ArCHer paper ("Filtered BC", Zhou et a
 https://arxiv.org/abs/2402.19446): keep the utterances of the best `fraction` of trajectories and
 maximise their log-likelihood. With every row kept this is plain supervised fine-tuning (`sft`).
 
-The losses are pure functions (tensors in, tensors out; no `.item()`, no collectives); the class at the
-end is the algorithm the training loop runs (fastarcher/algos/base.py).
+The losses are pure functions (tensors in, tensors out; no `.item()`, no collectives); the algorithm
+class below is what the training loop runs (fastarcher/algos/base.py).
 """
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import Tensor
 
-from fastarcher.algos.on_policy import weighted_updates
+from fastarcher.algos.on_policy import on_policy_update, turn_weights
 
 
 @torch.no_grad()
@@ -70,13 +69,13 @@ class FilteredBC:
         return {}
 
     def update(self, batch, bag) -> dict[str, float]:
-        t0 = time.perf_counter()
         kept = batch.rollout.kept()
         returns = torch.tensor([e.total_reward for e in kept], dtype=torch.float32)
-        top = filter_top_fraction(returns, self.ctx.cfg.baseline.filter_fraction).tolist()
-        keep = torch.tensor([float(k) for e, k in zip(kept, top) for _ in e.turns])  # every turn of a kept episode
-        weighted_updates(self.ctx, batch.transitions, keep, bag,
-                         lambda logprob_sum, w: bc_loss(logprob_sum=logprob_sum, mask=w.bool()),
-                         epochs=1, iteration=batch.iteration)
-        sync_s = self.ctx.actor.sync_engine()
-        return {"time/actor_s": time.perf_counter() - t0 - sync_s, "time/sync_s": sync_s}
+        top = filter_top_fraction(returns, self.ctx.cfg.baseline.filter_fraction)
+        keep = turn_weights(top.float(), [len(e.turns) for e in kept])  # every turn of a kept episode
+        return on_policy_update(self.ctx, batch, bag, keep, masked_bc_loss, epochs=1)
+
+
+def masked_bc_loss(logprob_sum: Tensor, keep: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """`bc_loss` as the (logprob_sum, weights) loss the on-policy updates take (weights: a 0/1 keep mask)."""
+    return bc_loss(logprob_sum=logprob_sum, mask=keep.bool())

@@ -16,21 +16,12 @@ whole groups to each rank), so the baselines need no communication.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import Tensor
 
 from fastarcher.algos.estimators import rloo_advantages
-from fastarcher.algos.on_policy import weighted_updates
-from fastarcher.algos.reinforce import group_advantages, policy_gradient_loss
-
-
-def turn_weights(episode_advantages: Tensor, turns_per_episode: list[int]) -> Tensor:
-    """Every turn of episode e gets A_e: (sum of turns,) in the order `RolloutResult.transitions` lists
-    the turns (episode by episode)."""
-    counts = torch.tensor(turns_per_episode, dtype=torch.long)
-    return torch.repeat_interleave(episode_advantages, counts)
+from fastarcher.algos.on_policy import on_policy_update, turn_weights
+from fastarcher.algos.reinforce import group_advantages, pg_loss
 
 
 class _GroupPolicyGradient:
@@ -46,18 +37,13 @@ class _GroupPolicyGradient:
         raise NotImplementedError
 
     def update(self, batch, bag) -> dict[str, float]:
-        t0 = time.perf_counter()
         kept = batch.rollout.kept()
         returns = torch.tensor([e.total_reward for e in kept], dtype=torch.float32)  # (E,)
         groups = torch.tensor([e.seed for e in kept], dtype=torch.long)  # (E,) the group is the env seed
         advantage = self.advantages(returns, groups)
         bag.add({"actor/episode_advantage_abs": advantage.abs().mean() if len(advantage) else torch.zeros(())})
         weights = turn_weights(advantage, [len(e.turns) for e in kept])
-        weighted_updates(self.ctx, batch.transitions, weights, bag,
-                         lambda logprob_sum, w: policy_gradient_loss(logprob_sum=logprob_sum, advantage=w),
-                         epochs=self.ctx.cfg.baseline.update_epochs, iteration=batch.iteration)
-        sync_s = self.ctx.actor.sync_engine()
-        return {"time/actor_s": time.perf_counter() - t0 - sync_s, "time/sync_s": sync_s}
+        return on_policy_update(self.ctx, batch, bag, weights, pg_loss, epochs=self.ctx.cfg.baseline.update_epochs)
 
 
 class GRPO(_GroupPolicyGradient):

@@ -9,6 +9,7 @@ filtered_bc.py).
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 import torch
@@ -20,6 +21,13 @@ from fastarcher.replay import TransitionBatch
 from fastarcher.rollout.collect import sampled_lengths
 
 LossFn = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+def turn_weights(episode_values: Tensor, turns_per_episode: list[int]) -> Tensor:
+    """Every turn of episode e gets the episode's value (an advantage, a keep flag): (sum of turns,) in the
+    order `RolloutResult.transitions` lists the turns (episode by episode)."""
+    counts = torch.tensor(turns_per_episode, dtype=torch.long)
+    return torch.repeat_interleave(episode_values, counts)
 
 
 def policy_step(ctx, transitions: TransitionBatch, rows: Tensor, weights: Tensor, bag: MetricBag, loss_fn: LossFn,
@@ -55,3 +63,12 @@ def weighted_updates(ctx, transitions: TransitionBatch, weights: Tensor, bag: Me
             rows = order[(torch.arange(step * b, (step + 1) * b)) % max(n, 1)]
             policy_step(ctx, transitions, rows, weights, bag, loss_fn, ctx.actor.optimizer,
                         ctx.cfg.optim.actor_grad_clip, sampled=True, iteration=iteration)
+
+
+def on_policy_update(ctx, batch, bag: MetricBag, weights: Tensor, loss_fn: LossFn, *, epochs: int) -> dict[str, float]:
+    """The update of an on-policy algorithm: `weighted_updates` over the iteration's transitions, then the
+    engine sync; returns the iteration's actor and sync seconds."""
+    t0 = time.perf_counter()
+    weighted_updates(ctx, batch.transitions, weights, bag, loss_fn, epochs=epochs, iteration=batch.iteration)
+    sync_s = ctx.actor.sync_engine()
+    return {"time/actor_s": time.perf_counter() - t0 - sync_s, "time/sync_s": sync_s}

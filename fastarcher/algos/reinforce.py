@@ -6,17 +6,15 @@ baseline is the batch mean, the plain REINFORCE-with-baseline that learned guess
 design notes. Optionally the advantage is divided by the group's std (GRPO's normalisation).
 The policy gradient is on-policy: loss = −mean_b(A_b · Σ_h log π(a_h | s, a_<h)).
 
-The losses are pure functions (tensors in, tensors out; no `.item()`, no collectives); the class at the
-end is the algorithm the training loop runs (fastarcher/algos/base.py).
+The losses are pure functions (tensors in, tensors out; no `.item()`, no collectives); the algorithm
+class below is what the training loop runs (fastarcher/algos/base.py).
 """
 from __future__ import annotations
-
-import time
 
 import torch
 from torch import Tensor
 
-from fastarcher.algos.on_policy import weighted_updates
+from fastarcher.algos.on_policy import on_policy_update
 
 
 @torch.no_grad()
@@ -87,11 +85,11 @@ class Reinforce:
         return {}
 
     def update(self, batch, bag) -> dict[str, float]:
-        t0 = time.perf_counter()
         cfg = self.ctx.cfg
         advantage = group_advantages(batch.transitions.mc_return, None, normalize_std=cfg.baseline.normalize_std)
-        weighted_updates(self.ctx, batch.transitions, advantage, bag,
-                         lambda logprob_sum, w: policy_gradient_loss(logprob_sum=logprob_sum, advantage=w),
-                         epochs=cfg.baseline.update_epochs, iteration=batch.iteration)
-        sync_s = self.ctx.actor.sync_engine()
-        return {"time/actor_s": time.perf_counter() - t0 - sync_s, "time/sync_s": sync_s}
+        return on_policy_update(self.ctx, batch, bag, advantage, pg_loss, epochs=cfg.baseline.update_epochs)
+
+
+def pg_loss(logprob_sum: Tensor, advantage: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """`policy_gradient_loss` as the (logprob_sum, weights) loss the on-policy updates take."""
+    return policy_gradient_loss(logprob_sum=logprob_sum, advantage=advantage)

@@ -45,9 +45,7 @@ class RankFile(Mapping):
         self.path = str(path)
         with safe_open(self.path, framework="pt") as f:
             self._tensors = list(f.keys())
-            self._values = json.loads((f.metadata() or {}).get("json", "{}"))
-        if not isinstance(self._values, dict):
-            raise ValueError(f"{self.path}: its JSON metadata is not an object")
+            self._values = _json_values(f, self.path)
 
     def __getitem__(self, name: str) -> Any:
         if name in self._values:
@@ -74,10 +72,16 @@ def save_rank_file(state: Mapping[str, Any], path: Path) -> None:
 
 def load_rank_file(path: Path) -> dict[str, Any]:
     with safe_open(str(path), framework="pt") as f:
-        values = json.loads((f.metadata() or {}).get("json", "{}"))
+        values = _json_values(f, path)
+    return {**load_file(str(path), device="cpu"), **values}
+
+
+def _json_values(f, path) -> dict[str, Any]:
+    """The non-tensor values `save_rank_file` keeps in the file's metadata (an object, or the file is refused)."""
+    values = json.loads((f.metadata() or {}).get("json", "{}"))
     if not isinstance(values, dict):
         raise ValueError(f"{path}: its JSON metadata is not an object")
-    return {**load_file(str(path), device="cpu"), **values}
+    return values
 
 
 def rank_file(folder: Path, part: str, rank: int) -> Path:
