@@ -60,6 +60,14 @@ class Actor:
         entropy = (token_entropy * action_mask).sum(-1)
         return logprob_sum, entropy
 
+    def token_logprobs(self, state_ids: Tensor, state_len: Tensor, action_ids: Tensor, action_len: Tensor, *,
+                       sampled_len: Tensor | None = None, log_distribution: bool = False) -> tuple[Tensor, ...]:
+        """Per token: (log π of the sampled tokens (B, A), entropy (B, A), scored mask (B, A)) and, with
+        log_distribution, the whole log π(·|s, a_<h) (B, A, V); log π is 0 off the scored tokens."""
+        return action_logprobs(self.policy, state_ids, state_len, action_ids, action_len, pad_id=self.pad_id,
+                               constraint=self.constraint, per_token=True, sampled_len=sampled_len,
+                               log_distribution=log_distribution)
+
     def sync_engine(self) -> float:
         """Copy the policy's weights into the rollout engine; returns the seconds it took."""
         return sync_weights(self.policy, self.engine, self.rollout_cfg.sync_bucket_mb << 20)["seconds"]

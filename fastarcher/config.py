@@ -22,9 +22,13 @@ import yaml
 from fastarcher.critic import CriticConfig
 from fastarcher.envs import EnvConfig, TokenSizes
 from fastarcher.model import ModelConfig
+from fastarcher.schedule import lr_multiplier
 from fastarcher.traces.config import TraceConfig
 
-Algo = Literal["archer", "reinforce", "grpo", "rloo", "filtered_bc", "sft"]
+KL_ALGOS = ("reinforce", "grpo", "rloo", "reinforce_pp")
+"""Algorithms that take a KL toward a reference policy (--kl.coef)."""
+
+Algo = Literal["archer", "reinforce", "grpo", "rloo", "reinforce_pp", "filtered_bc", "sft"]
 
 
 @dataclass(kw_only=True)
@@ -120,18 +124,30 @@ class ArcherConfig:
 @dataclass(kw_only=True)
 class BaselineConfig:
     filter_fraction: float = 0.3
-    """filtered_bc: fraction of the iteration's episodes (highest return) to imitate."""
+    """filtered_bc: fraction of the episodes (highest return) to imitate."""
+    filter_over: Literal["all", "iteration"] = "all"
+    """filtered_bc: rank every episode played so far (the ArCHer paper's baseline) or only the iteration's."""
+    filter_capacity: int = 100_000
+    """filtered_bc over 'all': most turns of top episodes kept per process (the worst are dropped first)."""
     normalize_std: bool = False
     """reinforce: divide advantages by the return std (GRPO-style)."""
     group_std: bool = True
     """grpo: divide each group's advantages by its return std (GRPO); off is Dr. GRPO."""
     update_epochs: int = 1
-    """reinforce / grpo / rloo: passes over each iteration's rollouts."""
+    """reinforce / grpo / rloo / reinforce_pp: passes over each iteration's rollouts."""
+    token_gamma: float = 1.0
+    """reinforce_pp: discount per generated token of the token-level return (observations are not steps)."""
+    clip_ratio: float = 0.2
+    """reinforce_pp: PPO clip ε of the ratio π/π_old (π_old: the policy that played the iteration)."""
 
     def validate(self) -> None:
         if not 0 < self.filter_fraction <= 1:
             raise ValueError(f"baseline.filter_fraction ({self.filter_fraction}) must be in (0, 1]")
-        _positive(self, "baseline", "update_epochs")
+        _positive(self, "baseline", "update_epochs", "filter_capacity")
+        if not 0 <= self.token_gamma <= 1:
+            raise ValueError(f"baseline.token_gamma ({self.token_gamma}) must be in [0, 1]")
+        if not 0 < self.clip_ratio < 1:
+            raise ValueError(f"baseline.clip_ratio ({self.clip_ratio}) must be in (0, 1)")
 
 
 @dataclass(kw_only=True)
@@ -146,10 +162,55 @@ class OptimConfig:
     """Max global grad norm of the critic (0 = no clipping)."""
     weight_decay: float = 0.0
     """AdamW weight decay for both optimizers."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule of both optimizers over the run's iterations (after lr_warmup_iterations
+    of linear warm-up); linear and cosine decay to min_lr_ratio × lr at the last iteration."""
+    lr_warmup_iterations: int = 0
+    """Iterations of linear learning-rate warm-up (lr × (i + 1) / N at iteration i < N)."""
+    min_lr_ratio: float = 0.0
+    """Floor of the linear / cosine schedules, as a fraction of the base learning rate."""
 
     def validate(self) -> None:
         _positive(self, "optim", "actor_lr", "critic_lr")
-        _non_negative(self, "optim", "actor_grad_clip", "critic_grad_clip", "weight_decay")
+        _non_negative(self, "optim", "actor_grad_clip", "critic_grad_clip", "weight_decay", "lr_warmup_iterations")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1]")
+
+    @property
+    def scheduled(self) -> bool:
+        """False for a constant lr without warm-up: then the optimizers' learning rates are left alone."""
+        return self.lr_schedule != "constant" or self.lr_warmup_iterations > 0
+
+    def lr_multiplier(self, iteration: int, iterations: int) -> float:
+        """The factor on both base learning rates during `iteration` (0-based) of a run of `iterations`:
+        a pure function of the iteration, so a resumed run continues on the same schedule."""
+        if not self.scheduled:
+            return 1.0
+        return lr_multiplier(iteration, total_steps=iterations, warmup_steps=min(self.lr_warmup_iterations, iterations),
+                             kind=self.lr_schedule, min_ratio=self.min_lr_ratio)
+
+
+@dataclass(kw_only=True)
+class KLConfig:
+    coef: float = 0.0
+    """β, the weight of the KL toward a frozen reference policy (the policy as RL starts, after any warm
+    start); 0 = no KL and no reference policy built. Policy-gradient algorithms only (not archer, filtered_bc)."""
+    estimator: Literal["kl", "abs", "mse", "low_var_kl", "full"] = "low_var_kl"
+    """Per-token estimator (fastarcher/algos/kl.py): kl (k1), abs, mse (k2), low_var_kl (k3), full (exact,
+    over the vocabulary)."""
+    placement: Literal["loss", "reward"] = "loss"
+    """'loss': + β·mean_tokens KL in the policy loss (GRPO, verl use_kl_loss); 'reward': −β·KL subtracted from
+    the reward of every generated token before the advantages (PPO/RLHF, REINFORCE++, verl use_kl_in_reward)."""
+    adaptive: bool = False
+    """Adapt β toward kl.target after every iteration (Ziegler et al. 2019); else β stays kl.coef."""
+    target: float = 0.1
+    """adaptive: the KL per generated token that β is steered to."""
+    horizon: int = 10_000
+    """adaptive: episodes over which β may move by ±20%."""
+
+    def validate(self) -> None:
+        _non_negative(self, "kl", "coef")
+        _positive(self, "kl", "target", "horizon")
 
 
 @dataclass(kw_only=True)
@@ -238,7 +299,7 @@ class GuardConfig:
 class TrainConfig:
     algo: Algo = "archer"
     """Algorithm (docs/algorithms.md): archer (off-policy hierarchical actor-critic), reinforce, grpo, rloo,
-    filtered_bc, or sft only."""
+    reinforce_pp, filtered_bc, or sft only."""
     config: str | None = None
     """YAML preset whose values become the defaults (flags still override them)."""
     iterations: int = 100
@@ -255,6 +316,7 @@ class TrainConfig:
     archer: ArcherConfig = field(default_factory=ArcherConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -267,7 +329,7 @@ class TrainConfig:
         _check_finite(self, "")  # NaN passes every `<=` range check below, so this comes first
         if self.iterations <= 0:
             raise ValueError(f"iterations ({self.iterations}) must be positive")
-        for part in (self.rollout, self.replay, self.archer, self.baseline, self.optim, self.warm_start,
+        for part in (self.rollout, self.replay, self.archer, self.baseline, self.optim, self.kl, self.warm_start,
                      self.eval, self.checkpoint, self.guard):
             part.validate()
         if self.rollout.num_envs % world_size:
@@ -281,6 +343,11 @@ class TrainConfig:
         if self.algo in ("grpo", "rloo") and self.rollout.group_size < 2:
             raise ValueError(f"algo {self.algo!r} compares episodes of the same env seed: set rollout.group_size to 2 "
                              f"or more (e.g. --rollout.group-size 4)")
+        if self.kl.coef > 0 and self.algo not in KL_ALGOS:
+            raise ValueError(f"kl.coef ({self.kl.coef}) applies to the policy-gradient algorithms ({', '.join(KL_ALGOS)}), "
+                             f"not to {self.algo!r}: drop --kl.coef")
+        if self.algo == "reinforce_pp" and self.kl.coef > 0 and self.kl.placement != "reward":
+            raise ValueError("algo 'reinforce_pp' puts the KL in the reward (REINFORCE++): use --kl.placement reward")
         if self.eval.random_episodes % world_size:
             raise ValueError(f"eval.random_episodes ({self.eval.random_episodes}) must be divisible by the number of "
                              f"processes ({world_size})")

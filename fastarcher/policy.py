@@ -35,13 +35,16 @@ def action_logprobs(
     backend: str = "auto",
     per_token: bool = False,
     sampled_len: Tensor | None = None,  # (B,)
-) -> tuple[Tensor, Tensor, Tensor]:
+    log_distribution: bool = False,
+) -> tuple[Tensor, ...]:
     """Returns (logprob_sum (B,), token_entropy (B, A), action_mask (B, A)); entropy is 0 on padding.
     With per_token=True the first value is the per-token log π (B, A) instead of its sum (0 on padding).
 
     sampled_len: how many leading tokens of each action the policy sampled (default: all of action_len).
     Only those are scored (and in the returned mask): a stop token appended to close an utterance cut at
-    max_new_tokens was never drawn from π, so its log-prob is no part of the action's likelihood."""
+    max_new_tokens was never drawn from π, so its log-prob is no part of the action's likelihood.
+    log_distribution=True adds a fourth value: the whole log π(·|s, a_<h) (B, A, V), constrained like the
+    sampling (−inf off the allowed set), for the exact KL."""
     batch, width_a = action_ids.shape
     state = left_align(state_ids, state_len, pad_id)
     ids = torch.cat([state, action_ids], dim=1)  # (B, S + A)
@@ -63,4 +66,5 @@ def action_logprobs(
     )
     logp = logp.view(batch, width_a)
     entropy = entropy.view(batch, width_a)
-    return (logp if per_token else logp.sum(-1)), entropy, scored
+    out = (logp if per_token else logp.sum(-1)), entropy, scored
+    return (*out, torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)) if log_distribution else out

@@ -119,8 +119,16 @@ class Trainer:
         )
         log = lambda message: self.logger.print(message)  # noqa: E731 - late-bound: a replaced logger.print is used
         self.guard = StepGuard(cfg.guard, log=log)
+        def make_policy() -> torch.nn.Module:
+            with torch.random.fork_rng(devices=[]):  # building must not move the run's random streams
+                model, _ = load_policy(cfg.model)
+            model = model.to(self.device)
+            if mesh is not None:
+                parallelize(model, transformer_blocks(model), mesh)
+            return model
+
         self.algo_ctx = AlgoContext(cfg=cfg, actor=self.actor, guard=self.guard, streams=self.streams, info=info,
-                                    vocab_size=len(tokenizer), mesh=mesh, log=log)
+                                    vocab_size=len(tokenizer), mesh=mesh, log=log, make_policy=make_policy)
         self.algorithm = build_algorithm(self.algo_ctx)
 
         self.envs_per_rank = cfg.rollout.num_envs // info.world_size
@@ -210,6 +218,9 @@ class Trainer:
     def iterate(self) -> dict[str, float]:
         """One iteration: play the training episodes, then the algorithm's update; returns its metrics."""
         bag = MetricBag()
+        scale = self.cfg.optim.lr_multiplier(self.iteration, self.cfg.iterations)
+        for group in self.actor_opt.param_groups if self.cfg.optim.scheduled else ():  # the critic's: its algorithm
+            group["lr"] = self.cfg.optim.actor_lr * scale
         t0 = time.perf_counter()
         rollout = self.play(self.runner, self.train_seeds(), greedy=False)
         transitions = rollout.transitions(self.cfg.archer.gamma, self.pad_id)
@@ -221,6 +232,7 @@ class Trainer:
         metrics.update(self.algorithm.update(IterationBatch(self.iteration, rollout, transitions), bag))
         metrics.update(bag.means())
         metrics.update(self.guard.metrics())
+        metrics["optim/lr_scale"] = scale
         return metrics
 
     def fit(self) -> dict[str, float]:
@@ -237,6 +249,8 @@ class Trainer:
                     f"cannot start the metrics file in {self.run_dir}", CheckpointError)
         if cfg.warm_start.steps and not resumed:
             self.warm_start()
+        if self.algorithm is not None:
+            self.algorithm.start(resumed)
         if cfg.algo == "sft":
             final = reduce_metrics(self.evaluate(), info.world_size)
             self.logger.log(0, final, advance=False)

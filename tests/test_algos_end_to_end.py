@@ -7,12 +7,23 @@ import pytest
 
 from dist_helpers import describe, run_torchrun
 
-ALGOS = ["archer", "reinforce", "grpo", "rloo", "filtered_bc"]
+ALGOS = ["archer", "reinforce", "grpo", "rloo", "reinforce_pp", "filtered_bc"]
 ENVS = ["frozenlake", "guess_number", "sokoban", "twenty_questions"]
 FLAGS = ("--device cpu --rollout.num-envs 4 --eval.episodes 2 --eval.every 0 --eval.no-random-baseline "
          "--archer.batch-size 4 --archer.critic-epochs 1 --archer.actor-epochs 1 --archer.warmup-iterations 1 "
          "--replay.capacity 64 --model.num-layers 1 --critic.num-layers 1 --log.no-progress "
          "--checkpoint.no-export-hf").split()
+
+
+KL_VARIANTS = {  # a reference policy and a KL controller in the checkpoint, a schedule on the lr
+    "grpo_kl_loss_adaptive": ["--algo", "grpo", "--kl.coef", "0.1", "--kl.adaptive", "--kl.horizon", "8",
+                              "--optim.lr-schedule", "cosine", "--optim.lr-warmup-iterations", "1"],
+    "reinforce_kl_reward_full": ["--algo", "reinforce", "--kl.coef", "0.1", "--kl.placement", "reward",
+                                 "--kl.estimator", "full"],
+    "reinforce_pp_kl_reward": ["--algo", "reinforce_pp", "--kl.coef", "0.1", "--kl.placement", "reward",
+                               "--kl.estimator", "kl", "--baseline.update-epochs", "2"],
+    "filtered_bc_iteration": ["--algo", "filtered_bc", "--baseline.filter-over", "iteration"],
+}
 
 
 def _run(tmp_path, name: str, algo: str, env: str, *extra: str):
@@ -47,3 +58,22 @@ def test_every_algorithm_resumes_bit_exactly_under_torchrun(tmp_path, algo):
     without_eval = [{k: v for k, v in row.items() if not k.startswith("eval/")} for row in resumed]
     assert without_eval[:3] == [{k: v for k, v in row.items() if not k.startswith("eval/")} for row in straight[:3]]
     assert resumed[3] == straight[3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(KL_VARIANTS))
+def test_kl_and_schedule_variants_resume_bit_exactly_under_torchrun(tmp_path, variant):
+    flags = KL_VARIANTS[variant]
+    algo = flags[1]
+    # a higher lr, so that the policy leaves the reference within three iterations
+    flags = [*flags[2:], "--optim.actor-lr", "1e-3", "--optim.actor-grad-clip", "1.0"]
+    straight = _run(tmp_path, "straight", algo, "frozenlake", "--iterations", "3", *flags)
+    _run(tmp_path, "resumed", algo, "frozenlake", "--iterations", "2", *flags)
+    resumed = _run(tmp_path, "resumed", algo, "frozenlake", "--iterations", "3", "--checkpoint.resume", "auto", *flags)
+    without_eval = [{k: v for k, v in row.items() if not k.startswith("eval/")} for row in resumed]
+    assert without_eval[:3] == [{k: v for k, v in row.items() if not k.startswith("eval/")} for row in straight[:3]]
+    assert resumed[3] == straight[3]
+    if "reward" in flags:  # scored before the iteration's steps: π = π_ref at the first, not at the last
+        assert straight[1]["kl/value"] == 0.0 and straight[3]["kl/value"] > 0.0
+    if "--optim.lr-schedule" in flags:  # cosine over 3 iterations with 1 of warm-up: 1, 1, then ½(1 + cos π/2)
+        assert [r["optim/lr_scale"] for r in straight[1:]] == pytest.approx([1.0, 1.0, 0.5])

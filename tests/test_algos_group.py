@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from fastarcher.algos.group import GRPO, RLOO, turn_weights
-from fastarcher.config import TrainConfig
+from fastarcher.config import KLConfig, TrainConfig
 
 
 def _algo(cls, group_std: bool = True):
-    return cls(SimpleNamespace(cfg=SimpleNamespace(baseline=SimpleNamespace(group_std=group_std))))
+    return cls(SimpleNamespace(cfg=SimpleNamespace(baseline=SimpleNamespace(group_std=group_std), kl=KLConfig())))
 
 
 def test_turn_weights_give_every_turn_its_episode_advantage():

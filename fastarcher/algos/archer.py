@@ -238,8 +238,13 @@ class Archer:
         params = sum(p.numel() for p in self.critic.parameters())
         return f"critic: {params:,} params ({self.ctx.cfg.critic.encoder} encoder); {self.buffer.describe()}"
 
+    def start(self, resumed: bool) -> None:
+        pass
+
     def update(self, batch, bag) -> dict[str, float]:
-        a = self.ctx.cfg.archer
+        a, cfg = self.ctx.cfg.archer, self.ctx.cfg
+        for group in self.critic_opt.param_groups if cfg.optim.scheduled else ():
+            group["lr"] = cfg.optim.critic_lr * cfg.optim.lr_multiplier(batch.iteration, cfg.iterations)
         if len(batch.transitions):
             self.buffer.add(batch.transitions.to(self.ctx.actor.device))
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ what it must save comes back from `parts()`, which the loop hands to the checkpo
         name = "my_algo"
         def __init__(self, ctx: AlgoContext): ...
         def parts(self) -> dict[str, Stateful]: ...                  # checkpoint parts it owns
+        def start(self, resumed: bool) -> None: ...                  # once, before the first iteration
         def update(self, batch: IterationBatch, bag: MetricBag) -> dict[str, float]: ...
 """
 
@@ -28,7 +29,8 @@ from fastarcher.replay import TransitionBatch
 class AlgoContext:
     """What an algorithm gets from the run: the config, the policy side, the step guard, this rank's
     random streams, the rank layout, the tokenizer's vocabulary size, the device mesh (None on one
-    process) and a log function."""
+    process), a log function, and `make_policy()`, which builds another module of the policy's architecture,
+    placed and sharded like the policy (for a reference policy; its weights are whatever loading gives)."""
 
     cfg: Any  # fastarcher.config.TrainConfig
     actor: Actor
@@ -38,6 +40,7 @@ class AlgoContext:
     vocab_size: int
     mesh: Any = None
     log: Callable[[str], None] = print
+    make_policy: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -55,6 +58,11 @@ class Algorithm(Protocol):
 
     def parts(self) -> dict[str, Any]:
         """Checkpoint parts this algorithm owns (fastarcher/checkpoint/parts.py), by name."""
+        ...
+
+    def start(self, resumed: bool) -> None:
+        """Called once before the first iteration, after the warm start of a fresh run or after a restore
+        (`resumed`): e.g. anchor a reference policy at the policy RL starts from."""
         ...
 
     def update(self, batch: IterationBatch, bag: MetricBag) -> dict[str, float]:

@@ -10,32 +10,14 @@ class below is what the training loop runs (fastarcher/algos/base.py).
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import Tensor
 
-from fastarcher.algos.on_policy import on_policy_update, turn_weights
-
-
-@torch.no_grad()
-def filter_top_fraction(returns: Tensor, fraction: float) -> Tensor:
-    """Boolean mask (B,) keeping the k = ceil(fraction · B) rows with the highest returns.
-
-    Ties are broken deterministically by position: among equal returns the earlier row wins (a stable
-    descending sort), so exactly k rows are kept even when returns tie at the threshold.
-    fraction must be in (0, 1]; fraction = 1 keeps everything.
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"filtered_bc fraction ({fraction}) must be in (0, 1]")
-    if returns.dim() != 1:
-        raise ValueError(f"returns must be 1-D (B,), got shape {tuple(returns.shape)}")
-    n = returns.numel()
-    # round first so that e.g. 0.3 · 10 = 3.0000000000000004 keeps 3 rows, not 4
-    k = min(n, math.ceil(round(fraction * n, 9)))
-    order = torch.sort(returns, descending=True, stable=True).indices  # (B,) best first, earlier first on ties
-    mask = torch.zeros(n, dtype=torch.bool, device=returns.device)
-    mask[order[:k]] = True
-    return mask
+from fastarcher.algos.elite import TopTrajectories, filter_top_fraction
+from fastarcher.algos.on_policy import on_policy_update, policy_step, turn_weights
+from fastarcher.dist import all_reduce_max
 
 
 def bc_loss(*, logprob_sum: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -57,25 +39,54 @@ def bc_loss(*, logprob_sum: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Ten
 
 
 class FilteredBC:
-    """`--algo filtered_bc`: behaviour cloning on every turn of this iteration's top `baseline.filter_fraction`
-    episodes by return. Builds nothing: no critic, no replay buffer."""
+    """`--algo filtered_bc`: behaviour cloning on every turn of the top `baseline.filter_fraction` episodes by
+    return — of all episodes played so far (`baseline.filter_over all`, the ArCHer paper's baseline; the
+    kept turns live in a `TopTrajectories` store, a per-process checkpoint part) or of this iteration's
+    only. Each iteration takes as many steps as one pass over its own turns would. No critic."""
 
     name = "filtered_bc"
 
     def __init__(self, ctx):
-        self.ctx = ctx
+        self.ctx, b = ctx, ctx.cfg.baseline
+        self.store = (TopTrajectories(b.filter_fraction, b.filter_capacity, pad_id=ctx.actor.pad_id)
+                      if b.filter_over == "all" else None)
 
     def parts(self) -> dict:
-        return {}
+        return {"elite": self.store} if self.store is not None else {}
+
+    def start(self, resumed: bool) -> None:
+        pass
 
     def update(self, batch, bag) -> dict[str, float]:
         kept = batch.rollout.kept()
         returns = torch.tensor([e.total_reward for e in kept], dtype=torch.float32)
-        top = filter_top_fraction(returns, self.ctx.cfg.baseline.filter_fraction)
-        keep = turn_weights(top.float(), [len(e.turns) for e in kept])  # every turn of a kept episode
-        return on_policy_update(self.ctx, batch, bag, keep, masked_bc_loss, epochs=1)
+        turns = [len(e.turns) for e in kept]
+        if self.store is None:
+            top = filter_top_fraction(returns, self.ctx.cfg.baseline.filter_fraction)
+            keep = turn_weights(top.float(), turns)  # every turn of a kept episode
+            return on_policy_update(self.ctx, batch, bag, keep, masked_bc_loss, epochs=1)
+        return self._update_from_store(batch, bag, returns, turns)
+
+    def _update_from_store(self, batch, bag, returns: Tensor, turns: list[int]) -> dict[str, float]:
+        ctx = self.ctx
+        episode_of_row = torch.repeat_interleave(torch.arange(len(turns)), torch.tensor(turns, dtype=torch.long))
+        self.store.add(batch.transitions, episode_of_row, returns.double())
+        b = ctx.cfg.archer.batch_size
+        steps = int(all_reduce_max(torch.tensor([math.ceil(len(batch.transitions) / b)], dtype=torch.long))[0])
+        t0 = time.perf_counter()
+        for _ in range(steps):  # every rank steps as often as the busiest (a sharded step is a collective)
+            if len(self.store):
+                rows, keep = self.store.sample(b, ctx.streams.cpu_gen), torch.ones(b)
+            else:  # nothing kept on this rank yet: a zero-weight step on the iteration's turns
+                rows, keep = batch.transitions.select(torch.arange(b) % max(len(batch.transitions), 1)), torch.zeros(b)
+            policy_step(ctx, rows, torch.arange(b), keep, bag, masked_bc_loss, ctx.actor.optimizer,
+                        ctx.cfg.optim.actor_grad_clip, sampled=True, iteration=batch.iteration)
+        bag.add({"elite/turns": float(len(self.store)), "elite/episodes": float(self.store.num_elite_episodes),
+                 "elite/threshold": float(self.store.threshold if self.store.threshold is not None else 0.0)})
+        sync_s = ctx.actor.sync_engine()
+        return {"time/actor_s": time.perf_counter() - t0 - sync_s, "time/sync_s": sync_s}
 
 
-def masked_bc_loss(logprob_sum: Tensor, keep: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """`bc_loss` as the (logprob_sum, weights) loss the on-policy updates take (weights: a 0/1 keep mask)."""
-    return bc_loss(logprob_sum=logprob_sum, mask=keep.bool())
+def masked_bc_loss(tokens) -> tuple[Tensor, dict[str, Tensor]]:
+    """`bc_loss` as the loss the on-policy updates take (`PolicyTokens`; weights: a 0/1 keep mask)."""
+    return bc_loss(logprob_sum=tokens.logprob_sum, mask=tokens.weights.bool())

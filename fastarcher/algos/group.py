@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from fastarcher.algos.estimators import rloo_advantages
-from fastarcher.algos.on_policy import on_policy_update, turn_weights
+from fastarcher.algos.kl_control import KLControl
+from fastarcher.algos.on_policy import episode_sums, on_policy_update, turn_weights
 from fastarcher.algos.reinforce import group_advantages, pg_loss
 
 
@@ -29,9 +30,13 @@ class _GroupPolicyGradient:
 
     def __init__(self, ctx):
         self.ctx = ctx
+        self.kl = KLControl(ctx)
 
     def parts(self) -> dict:
-        return {}
+        return self.kl.parts()
+
+    def start(self, resumed: bool) -> None:
+        self.kl.start(resumed)
 
     def advantages(self, returns: Tensor, groups: Tensor) -> Tensor:
         raise NotImplementedError
@@ -39,11 +44,16 @@ class _GroupPolicyGradient:
     def update(self, batch, bag) -> dict[str, float]:
         kept = batch.rollout.kept()
         returns = torch.tensor([e.total_reward for e in kept], dtype=torch.float32)  # (E,)
+        turns = [len(e.turns) for e in kept]
+        if self.kl.in_reward:  # R_e − β·Σ over the episode's tokens of the KL estimate
+            returns = returns - episode_sums(self.kl.reward_penalties(batch.transitions).sum(-1), turns)
         groups = torch.tensor([e.seed for e in kept], dtype=torch.long)  # (E,) the group is the env seed
         advantage = self.advantages(returns, groups)
         bag.add({"actor/episode_advantage_abs": advantage.abs().mean() if len(advantage) else torch.zeros(())})
-        weights = turn_weights(advantage, [len(e.turns) for e in kept])
-        return on_policy_update(self.ctx, batch, bag, weights, pg_loss, epochs=self.ctx.cfg.baseline.update_epochs)
+        weights = turn_weights(advantage, turns)
+        cfg = self.ctx.cfg
+        out = on_policy_update(self.ctx, batch, bag, weights, pg_loss, epochs=cfg.baseline.update_epochs, kl=self.kl)
+        return {**out, **self.kl.end_iteration(cfg.rollout.num_envs)}
 
 
 class GRPO(_GroupPolicyGradient):

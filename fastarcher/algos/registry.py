@@ -7,8 +7,9 @@ from fastarcher.algos.base import AlgoContext, Algorithm
 from fastarcher.algos.filtered_bc import FilteredBC
 from fastarcher.algos.group import GRPO, RLOO
 from fastarcher.algos.reinforce import Reinforce
+from fastarcher.algos.reinforce_pp import ReinforcePP
 
-REGISTRY = {cls.name: cls for cls in (Archer, Reinforce, GRPO, RLOO, FilteredBC)}
+REGISTRY = {cls.name: cls for cls in (Archer, Reinforce, GRPO, RLOO, ReinforcePP, FilteredBC)}
 """Algorithms with an update step; `sft` is the warm start alone and builds none."""
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastarcher.algos.on_policy import on_policy_update
+from fastarcher.algos.kl_control import KLControl
+from fastarcher.algos.on_policy import discounted_turn_returns, on_policy_update
 
 
 @torch.no_grad()
@@ -80,16 +81,26 @@ class Reinforce:
 
     def __init__(self, ctx):
         self.ctx = ctx
+        self.kl = KLControl(ctx)
 
     def parts(self) -> dict:
-        return {}
+        return self.kl.parts()
+
+    def start(self, resumed: bool) -> None:
+        self.kl.start(resumed)
 
     def update(self, batch, bag) -> dict[str, float]:
         cfg = self.ctx.cfg
-        advantage = group_advantages(batch.transitions.mc_return, None, normalize_std=cfg.baseline.normalize_std)
-        return on_policy_update(self.ctx, batch, bag, advantage, pg_loss, epochs=cfg.baseline.update_epochs)
+        returns = batch.transitions.mc_return
+        if self.kl.in_reward:  # each turn's reward less β·Σ of its tokens' KL, then the returns again
+            turns = [len(e.turns) for e in batch.rollout.kept()]
+            penalty = self.kl.reward_penalties(batch.transitions).sum(-1)
+            returns = discounted_turn_returns(batch.transitions.reward - penalty, turns, cfg.archer.gamma)
+        advantage = group_advantages(returns, None, normalize_std=cfg.baseline.normalize_std)
+        out = on_policy_update(self.ctx, batch, bag, advantage, pg_loss, epochs=cfg.baseline.update_epochs, kl=self.kl)
+        return {**out, **self.kl.end_iteration(cfg.rollout.num_envs)}
 
 
-def pg_loss(logprob_sum: Tensor, advantage: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """`policy_gradient_loss` as the (logprob_sum, weights) loss the on-policy updates take."""
-    return policy_gradient_loss(logprob_sum=logprob_sum, advantage=advantage)
+def pg_loss(tokens) -> tuple[Tensor, dict[str, Tensor]]:
+    """`policy_gradient_loss` as the loss the on-policy updates take (`PolicyTokens`; weights: advantages)."""
+    return policy_gradient_loss(logprob_sum=tokens.logprob_sum, advantage=tokens.weights)
