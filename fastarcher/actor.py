@@ -34,17 +34,19 @@ class Actor:
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                               greedy=greedy, stop_token_id=self.stop_id, constraint=self.constraint)
 
-    def sample_actions(self, states: TransitionBatch, generator) -> tuple[Tensor, Tensor, Tensor, int]:
+    def sample_actions(self, states: TransitionBatch, generator, engine=None) -> tuple[Tensor, Tensor, Tensor, int]:
         """a′ ~ π(·|s) for every state of the batch, in as few engine calls as max_batch allows:
         (action ids, action lengths, sampled lengths, engine calls). An utterance cut at max_new_tokens
-        is closed with a stop token that was not sampled; its sampled length leaves that token out."""
+        is closed with a stop token that was not sampled; its sampled length leaves that token out.
+        `engine`: another engine to sample with (CHAI's best-of-k), else the policy's."""
+        engine = engine if engine is not None else self.engine
         ids, lens = states.state_ids.tolist(), states.state_len.tolist()
         prompts = [row[:n] for row, n in zip(ids, lens)]
-        out = self.engine.generate(prompts, self.sampling_params(), generator)
+        out = engine.generate(prompts, self.sampling_params(), generator)
         actions = [close_utterance(a, self.stop_id) for a in out.token_ids]
         action_ids, action_len = pad_rows(actions, self.pad_id)
         sampled_len = sampled_lengths(action_len, self.rollout_cfg.max_new_tokens)
-        calls = math.ceil(len(prompts) / self.engine.max_batch)
+        calls = math.ceil(len(prompts) / engine.max_batch)
         return action_ids.to(self.device), action_len.to(self.device), sampled_len.to(self.device), calls
 
     def logprobs(self, state_ids: Tensor, state_len: Tensor, action_ids: Tensor, action_len: Tensor, *, trace=None,

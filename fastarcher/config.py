@@ -25,10 +25,10 @@ from fastarcher.model import ModelConfig
 from fastarcher.schedule import lr_multiplier
 from fastarcher.traces.config import TraceConfig
 
-KL_ALGOS = ("reinforce", "grpo", "rloo", "reinforce_pp")
+KL_ALGOS = ("reinforce", "grpo", "rloo", "reinforce_pp", "remax", "ppo")
 """Algorithms that take a KL toward a reference policy (--kl.coef)."""
 
-Algo = Literal["archer", "reinforce", "grpo", "rloo", "reinforce_pp", "filtered_bc", "sft"]
+Algo = Literal["archer", "chai", "reinforce", "grpo", "rloo", "reinforce_pp", "remax", "ppo", "filtered_bc", "sft"]
 
 
 @dataclass(kw_only=True)
@@ -111,6 +111,10 @@ class ArcherConfig:
     the drift that a critic offset (min Q vs min V) would otherwise push along all sampled actions."""
     normalize_advantage: bool = False
     """Divide actor advantages by their batch std (off in the reference code)."""
+    token_baseline: bool = False
+    """ArCHer with a token-level baseline: a token value model b_h (the policy's architecture with a value
+    head, trained with optim.critic_lr) regresses to the utterance advantage A, and the actor's gradient
+    uses A − b_h at every token (the paper's token-level variant)."""
 
     def validate(self) -> None:
         _positive(self, "archer", "critic_epochs", "batch_size", "grad_accum")
@@ -148,6 +152,59 @@ class BaselineConfig:
             raise ValueError(f"baseline.token_gamma ({self.token_gamma}) must be in [0, 1]")
         if not 0 < self.clip_ratio < 1:
             raise ValueError(f"baseline.clip_ratio ({self.clip_ratio}) must be in (0, 1)")
+
+
+@dataclass(kw_only=True)
+class ChaiConfig:
+    samples: int = 4
+    """chai: utterances the frozen policy proposes per turn; the one with the highest min(Q1, Q2) is played."""
+
+    def validate(self) -> None:
+        _positive(self, "chai", "samples")
+
+
+@dataclass(kw_only=True)
+class PPOConfig:
+    estimator: Literal["gae", "bilevel_gae", "archer"] = "gae"
+    """Advantage estimator over each episode's sampled tokens (fastarcher/algos/estimators.py): token-level GAE,
+    RAGEN's bi-level GAE (turn level with high_level_gamma, then tokens inside each turn), or RAGEN's archer
+    mix of token values and turn-level returns (without RAGEN's double count)."""
+    gamma: float = 1.0
+    """Discount per sampled token (observations are not steps)."""
+    lam: float = 0.95
+    """GAE λ (both levels of bilevel_gae)."""
+    high_level_gamma: float = 0.95
+    """bilevel_gae / archer: discount per turn of the turn-level GAE."""
+    archer_alpha: float = 0.5
+    """archer: weight of the turn-level return in the mixed token value."""
+    epochs: int = 2
+    """Passes over each iteration's turns, in minibatches of archer.batch_size turns."""
+    clip_ratio: float = 0.2
+    """Clip ε of the ratio π/π_old (π_old: the policy that played the iteration)."""
+    clip_ratio_high: float | None = None
+    """Upper clip ε (DAPO's clip-higher); None = clip_ratio."""
+    dual_clip: float | None = None
+    """Dual clip c > 1 for negative advantages (Ye et al. 2020); None = off."""
+    value_clip: float | None = 0.5
+    """Clip of the value update around the iteration's values (PPO2); None = off."""
+    normalize_advantage: bool = True
+    """Whiten the advantages over the iteration's sampled tokens on each process."""
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    """How per-token losses become a minibatch loss (verl's loss_agg_mode)."""
+
+    def validate(self) -> None:
+        for name in ("gamma", "lam", "high_level_gamma", "archer_alpha"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"ppo.{name} ({getattr(self, name)}) must be in [0, 1]")
+        _positive(self, "ppo", "epochs")
+        if not 0 < self.clip_ratio < 1:
+            raise ValueError(f"ppo.clip_ratio ({self.clip_ratio}) must be in (0, 1)")
+        if self.clip_ratio_high is not None and self.clip_ratio_high <= 0:
+            raise ValueError(f"ppo.clip_ratio_high ({self.clip_ratio_high}) must be positive")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"ppo.dual_clip ({self.dual_clip}) must be above 1")
+        if self.value_clip is not None and self.value_clip <= 0:
+            raise ValueError(f"ppo.value_clip ({self.value_clip}) must be positive")
 
 
 @dataclass(kw_only=True)
@@ -298,8 +355,9 @@ class GuardConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     algo: Algo = "archer"
-    """Algorithm (docs/algorithms.md): archer (off-policy hierarchical actor-critic), reinforce, grpo, rloo,
-    reinforce_pp, filtered_bc, or sft only."""
+    """Algorithm (docs/algorithms.md): archer (off-policy hierarchical actor-critic), chai (ArCHer's critic
+    picking among a frozen policy's samples), reinforce, grpo, rloo, reinforce_pp, remax, ppo, filtered_bc, or
+    sft only."""
     config: str | None = None
     """YAML preset whose values become the defaults (flags still override them)."""
     iterations: int = 100
@@ -315,6 +373,8 @@ class TrainConfig:
     critic: CriticConfig = field(default_factory=CriticConfig)
     archer: ArcherConfig = field(default_factory=ArcherConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    chai: ChaiConfig = field(default_factory=ChaiConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
@@ -329,7 +389,7 @@ class TrainConfig:
         _check_finite(self, "")  # NaN passes every `<=` range check below, so this comes first
         if self.iterations <= 0:
             raise ValueError(f"iterations ({self.iterations}) must be positive")
-        for part in (self.rollout, self.replay, self.archer, self.baseline, self.optim, self.kl, self.warm_start,
+        for part in (self.rollout, self.replay, self.archer, self.baseline, self.ppo, self.chai, self.optim, self.kl, self.warm_start,
                      self.eval, self.checkpoint, self.guard):
             part.validate()
         if self.rollout.num_envs % world_size:
@@ -346,6 +406,8 @@ class TrainConfig:
         if self.kl.coef > 0 and self.algo not in KL_ALGOS:
             raise ValueError(f"kl.coef ({self.kl.coef}) applies to the policy-gradient algorithms ({', '.join(KL_ALGOS)}), "
                              f"not to {self.algo!r}: drop --kl.coef")
+        if self.algo == "chai" and self.archer.token_baseline:
+            raise ValueError("algo 'chai' never trains the policy: drop --archer.token-baseline")
         if self.algo == "reinforce_pp" and self.kl.coef > 0 and self.kl.placement != "reward":
             raise ValueError("algo 'reinforce_pp' puts the KL in the reward (REINFORCE++): use --kl.placement reward")
         if self.eval.random_episodes % world_size:

@@ -47,30 +47,41 @@ class ReferencePolicy:
 
 
 @torch.no_grad()
+def score_rows(transitions: TransitionBatch, fn, *, chunk: int, device) -> Tensor:
+    """`fn(minibatch) -> (b, a)` over every transition in chunks of `chunk` rows, without gradients, gathered
+    into (N, A) on the CPU (A: the transitions' action width). A sharded forward is a collective, so every
+    rank runs as many chunks as the rank with the most rows (a rank with fewer re-scores its own rows and
+    drops the result)."""
+    n, width = len(transitions), transitions.action_ids.shape[1]
+    out = torch.zeros(n, width)
+    chunks = int(all_reduce_max(torch.tensor([math.ceil(n / chunk)], dtype=torch.long))[0])
+    for k in range(chunks):
+        rows = torch.arange(k * chunk, (k + 1) * chunk) % max(n, 1)
+        live = torch.arange(k * chunk, (k + 1) * chunk) < n  # rows not wrapped around
+        values = fn(transitions.select(rows).to(device).trimmed()).float().cpu()
+        out[rows[live], :values.shape[1]] = values[live]
+    return out
+
+
+def scored_mask(action_len: Tensor, width: int, max_new_tokens: int) -> Tensor:
+    """(N, width) bool: the tokens of each utterance that the policy sampled (`sampled_lengths`)."""
+    return torch.arange(width)[None, :] < sampled_lengths(action_len, max_new_tokens)[:, None]
+
+
+@torch.no_grad()
 def score_tokens(model: nn.Module, transitions: TransitionBatch, *, pad_id: int, constraint: ActionConstraint | None,
                  max_new_tokens: int, chunk: int, device) -> tuple[Tensor, Tensor]:
-    """Per-token log π of every sampled token of every transition, (N, A) on the CPU, in chunks of `chunk`
-    rows without gradients, and the scored-token mask (N, A) — for KL penalties in the reward and for the
-    log-probs of the sampling policy."""
-    n, width = len(transitions), transitions.action_ids.shape[1]
-    logp = torch.zeros(n, width)
-    mask = torch.zeros(n, width, dtype=torch.bool)
-    # a sharded forward is a collective: every rank runs as many chunks as the rank with the most rows
-    # (a rank with fewer re-scores its own rows and drops the result)
-    chunks = int(all_reduce_max(torch.tensor([math.ceil(n / chunk)], dtype=torch.long))[0])
+    """Per-token log π of every sampled token of every transition, (N, A) on the CPU (0 elsewhere), and the
+    scored-token mask (N, A): the log-probs of the sampling policy, for PPO-style ratios."""
+    def logprobs(mb: TransitionBatch) -> Tensor:
+        return action_logprobs(model, mb.state_ids, mb.state_len, mb.action_ids, mb.action_len, pad_id=pad_id,
+                               constraint=constraint, per_token=True,
+                               sampled_len=sampled_lengths(mb.action_len, max_new_tokens))[0]
+
     was_training = model.training
     model.eval()
     try:
-        for k in range(chunks):
-            rows = torch.arange(k * chunk, (k + 1) * chunk) % max(n, 1)
-            mb = transitions.select(rows).to(device).trimmed()
-            lp, _, scored = action_logprobs(model, mb.state_ids, mb.state_len, mb.action_ids, mb.action_len,
-                                            pad_id=pad_id, constraint=constraint, per_token=True,
-                                            sampled_len=sampled_lengths(mb.action_len, max_new_tokens))
-            live = torch.arange(k * chunk, (k + 1) * chunk) < n
-            a = lp.shape[1]
-            logp[rows[live], :a] = lp.float().cpu()[live]
-            mask[rows[live], :a] = scored.cpu()[live]
+        logp = score_rows(transitions, logprobs, chunk=chunk, device=device)
     finally:
         model.train(was_training)
-    return logp, mask
+    return logp, scored_mask(transitions.action_len, transitions.action_ids.shape[1], max_new_tokens)

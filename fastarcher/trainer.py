@@ -122,22 +122,27 @@ class Trainer:
         def make_policy() -> torch.nn.Module:
             with torch.random.fork_rng(devices=[]):  # building must not move the run's random streams
                 model, _ = load_policy(cfg.model)
-            model = model.to(self.device)
-            if mesh is not None:
-                parallelize(model, transformer_blocks(model), mesh)
-            return model
+            return model.to(self.device)
+
+        def shard(module: torch.nn.Module, blocks: list) -> torch.nn.Module:
+            return parallelize(module, blocks, mesh) if mesh is not None else module
 
         self.algo_ctx = AlgoContext(cfg=cfg, actor=self.actor, guard=self.guard, streams=self.streams, info=info,
-                                    vocab_size=len(tokenizer), mesh=mesh, log=log, make_policy=make_policy)
+                                    vocab_size=len(tokenizer), mesh=mesh, log=log, make_policy=make_policy,
+                                    shard=shard)
         self.algorithm = build_algorithm(self.algo_ctx)
 
         self.envs_per_rank = cfg.rollout.num_envs // info.world_size
         self.runner = BatchedEnvRunner(cfg.env, self.envs_per_rank)
         self.eval_runner = BatchedEnvRunner(cfg.env, cfg.eval.episodes // info.world_size)
+        wants_greedy = getattr(self.algorithm, "greedy_baseline", False)
+        self.greedy_runner = (BatchedEnvRunner(cfg.env, self.envs_per_rank // cfg.rollout.group_size)
+                              if wants_greedy else None)
         parts = {
             "policy": ModelState(self.policy), "actor_opt": OptimizerState(self.policy, self.actor_opt, "actor_opt", log),
             **(self.algorithm.parts() if self.algorithm is not None else {}),
             "rng": self.streams, "runner": self.runner, "eval_runner": self.eval_runner,
+            **({"greedy_runner": self.greedy_runner} if self.greedy_runner is not None else {}),
             "progress": self.progress, "guard": self.guard, "logger": self.logger,
         }
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, parts, config=to_dict(cfg),
@@ -168,7 +173,8 @@ class Trainer:
         return [EVAL_SEED_OFFSET + self.cfg.seed * 100_003 + self.info.rank * n + k for k in range(n)]
 
     def play(self, runner: BatchedEnvRunner, seeds: list[int], greedy: bool) -> RolloutResult:
-        return play_episodes(runner, seeds, tokenizer=self.tokenizer, stop_id=self.stop_id, engine=self.engine,
+        engine = self.algorithm.acting_engine(self.engine) if self.algorithm is not None else self.engine
+        return play_episodes(runner, seeds, tokenizer=self.tokenizer, stop_id=self.stop_id, engine=engine,
                              params=self.actor.sampling_params(greedy), generator=self.sample_gen,
                              context_tokens=self.cfg.rollout.context_tokens)
 
@@ -222,14 +228,18 @@ class Trainer:
         for group in self.actor_opt.param_groups if self.cfg.optim.scheduled else ():  # the critic's: its algorithm
             group["lr"] = self.cfg.optim.actor_lr * scale
         t0 = time.perf_counter()
-        rollout = self.play(self.runner, self.train_seeds(), greedy=False)
+        seeds = self.train_seeds()
+        rollout = self.play(self.runner, seeds, greedy=False)
         transitions = rollout.transitions(self.cfg.archer.gamma, self.pad_id)
+        greedy = None
+        if self.greedy_runner is not None:  # the baseline rollout: one greedy episode per distinct seed
+            greedy = self.play(self.greedy_runner, list(dict.fromkeys(seeds)), greedy=True)
         t_rollout = time.perf_counter() - t0
         metrics = rollout.stats("rollout")
         metrics["perf/tokens_per_s"] = rollout.generated_tokens / max(t_rollout, 1e-9)
         metrics["count/rollout_engine_forwards"] = float(rollout.engine_calls)
         metrics.update({"time/rollout_s": t_rollout, "time/critic_s": 0.0, "time/actor_s": 0.0, "time/sync_s": 0.0})
-        metrics.update(self.algorithm.update(IterationBatch(self.iteration, rollout, transitions), bag))
+        metrics.update(self.algorithm.update(IterationBatch(self.iteration, rollout, transitions, greedy), bag))
         metrics.update(bag.means())
         metrics.update(self.guard.metrics())
         metrics["optim/lr_scale"] = scale

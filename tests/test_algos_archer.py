@@ -147,3 +147,27 @@ def test_archer_losses_gradcheck_float64():
     assert torch.autograd.gradcheck(
         lambda b: token_baseline_actor_loss(token_logprobs=zeros, token_values=b, advantage=adv[:3], mask=mask)[0],
         (tv,))
+
+
+def test_token_baseline_flag_trains_a_token_value_model_started_from_the_policy(tmp_path, monkeypatch):
+    from dist_helpers import REPO
+    from fastarcher.dist import DistInfo
+    from fastarcher.train import parse_config
+    from fastarcher.trainer import Trainer
+
+    monkeypatch.chdir(REPO)
+    flags = ("--config configs/tiny_cpu.yaml --algo archer --archer.token-baseline --archer.warmup-iterations 0 "
+             "--rollout.num-envs 4 --eval.episodes 2 --log.no-progress --model.num-layers 1 --critic.num-layers 1 "
+             "--archer.batch-size 4 --archer.critic-epochs 1 --archer.actor-epochs 2").split()
+    cfg = parse_config([*flags, "--log.run-dir", str(tmp_path / "run")])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    algo = trainer.algorithm
+    assert {"token_baseline", "token_baseline_opt"} <= set(algo.parts())
+    algo.start(resumed=False)
+    assert all(torch.equal(a, b) for a, b in zip(algo.baseline.lm.parameters(), trainer.policy.parameters()))
+    head = algo.baseline.head.weight.detach().clone()
+    metrics = trainer.iterate()
+    assert {"actor/value_loss", "actor/token_value_mean", "actor/token_baseline_grad_norm"} <= set(metrics)
+    assert not torch.equal(head, algo.baseline.head.weight)  # b_h moved toward the advantages
+    assert algo.baseline_opt.state  # stepped by its own optimizer, not the actor's
+    trainer.logger.close()

@@ -7,7 +7,7 @@ import pytest
 
 from dist_helpers import describe, run_torchrun
 
-ALGOS = ["archer", "reinforce", "grpo", "rloo", "reinforce_pp", "filtered_bc"]
+ALGOS = ["archer", "chai", "reinforce", "grpo", "rloo", "reinforce_pp", "remax", "ppo", "filtered_bc"]
 ENVS = ["frozenlake", "guess_number", "sokoban", "twenty_questions"]
 FLAGS = ("--device cpu --rollout.num-envs 4 --eval.episodes 2 --eval.every 0 --eval.no-random-baseline "
          "--archer.batch-size 4 --archer.critic-epochs 1 --archer.actor-epochs 1 --archer.warmup-iterations 1 "
@@ -23,6 +23,12 @@ KL_VARIANTS = {  # a reference policy and a KL controller in the checkpoint, a s
     "reinforce_pp_kl_reward": ["--algo", "reinforce_pp", "--kl.coef", "0.1", "--kl.placement", "reward",
                                "--kl.estimator", "kl", "--baseline.update-epochs", "2"],
     "filtered_bc_iteration": ["--algo", "filtered_bc", "--baseline.filter-over", "iteration"],
+    "archer_token_baseline": ["--algo", "archer", "--archer.token-baseline"],
+    "remax_kl_loss_groups": ["--algo", "remax", "--kl.coef", "0.1", "--rollout.group-size", "2"],
+    "ppo_bilevel_kl_loss": ["--algo", "ppo", "--ppo.estimator", "bilevel_gae", "--kl.coef", "0.1",
+                            "--kl.estimator", "mse", "--ppo.dual-clip", "3.0"],
+    "ppo_archer_kl_reward": ["--algo", "ppo", "--ppo.estimator", "archer", "--kl.coef", "0.1", "--kl.placement",
+                             "reward", "--optim.lr-schedule", "linear"],
 }
 
 
@@ -43,8 +49,8 @@ def test_every_algorithm_runs_on_every_env_under_torchrun(tmp_path, algo, env):
     rows = _run(tmp_path, "run", algo, env, "--iterations", "3")
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     assert all(r["count/rollout_episodes"] == 4 for r in rows[1:])
-    assert ("critic/q_loss" in rows[1]) == (algo == "archer")  # on-policy algorithms build no critic
-    assert any(k.startswith("actor/") for k in rows[-1])
+    assert ("critic/q_loss" in rows[1]) == (algo in ("archer", "chai"))  # on-policy algorithms build no critic
+    assert any(k.startswith("actor/") for k in rows[-1]) == (algo != "chai")  # chai never steps the policy
 
 
 @pytest.mark.slow
@@ -75,5 +81,5 @@ def test_kl_and_schedule_variants_resume_bit_exactly_under_torchrun(tmp_path, va
     assert resumed[3] == straight[3]
     if "reward" in flags:  # scored before the iteration's steps: π = π_ref at the first, not at the last
         assert straight[1]["kl/value"] == 0.0 and straight[3]["kl/value"] > 0.0
-    if "--optim.lr-schedule" in flags:  # cosine over 3 iterations with 1 of warm-up: 1, 1, then ½(1 + cos π/2)
+    if "cosine" in flags:  # cosine over 3 iterations with 1 of warm-up: 1, 1, then ½(1 + cos π/2)
         assert [r["optim/lr_scale"] for r in straight[1:]] == pytest.approx([1.0, 1.0, 0.5])

@@ -60,5 +60,5 @@ def test_algorithm_names_agree_across_the_flag_type_and_the_registry():
     from fastarcher.algos.registry import REGISTRY
     from fastarcher.config import Algo
 
-    assert ALGORITHMS == ("archer", "reinforce", "grpo", "rloo", "reinforce_pp", "filtered_bc", "sft")
+    assert ALGORITHMS == ("archer", "chai", "reinforce", "grpo", "rloo", "reinforce_pp", "remax", "ppo", "filtered_bc", "sft")
     assert set(get_args(Algo)) == set(ALGORITHMS) == set(REGISTRY) | {"sft"}

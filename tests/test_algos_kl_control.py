@@ -26,7 +26,8 @@ def _ctx(estimator="low_var_kl", placement="reward", adaptive=False, coef=0.5):
                           rollout=SimpleNamespace(max_new_tokens=3), archer=SimpleNamespace(batch_size=2))
     actor = Actor(policy, None, None, rollout_cfg=cfg.rollout, pad_id=tok.pad_token_id, stop_id=tok.eos_token_id,
                   constraint=None, device=torch.device("cpu"))
-    return SimpleNamespace(cfg=cfg, actor=actor, make_policy=lambda: copy.deepcopy(tiny_policy(torch.float64, seed=9)[0]))
+    return SimpleNamespace(cfg=cfg, actor=actor, make_policy=lambda: copy.deepcopy(tiny_policy(torch.float64, seed=9)[0]),
+                           shard=lambda module, blocks: module)
 
 
 def _batch(pad):

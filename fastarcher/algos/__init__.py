@@ -13,5 +13,5 @@
   (`filtered_bc.bc_loss` with an all-true mask).
 """
 
-ALGORITHMS: tuple[str, ...] = ("archer", "reinforce", "grpo", "rloo", "reinforce_pp", "filtered_bc", "sft")
+ALGORITHMS: tuple[str, ...] = ("archer", "chai", "reinforce", "grpo", "rloo", "reinforce_pp", "remax", "ppo", "filtered_bc", "sft")
 """Names accepted by `--algo`."""

@@ -19,16 +19,19 @@ k times ours.) Metrics are detached 0-d tensors keyed `section/name`.
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastarcher.algos.base import AlgorithmBase
 from fastarcher.checkpoint import ModelState, OptimizerState
 from fastarcher.critic import DoubleCritic, make_target, soft_update
 from fastarcher.parallel import parallelize
 from fastarcher.replay import ReplayBuffer
+from fastarcher.value_model import TokenValueModel
 
 
 def _std(x: Tensor) -> Tensor:
@@ -192,7 +195,7 @@ def _trim(ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     return ids[:, : max(int(lengths.max()), 1)], lengths
 
 
-class Archer:
+class Archer(AlgorithmBase):
     """`--algo archer`. Every iteration: add the turns to the replay buffer; `critic_epochs` critic steps
     on replayed transitions (a fresh a′ ~ π for the V targets), each followed by a Polyak update of the
     target; after `warmup_iterations`, `actor_epochs` actor steps with A = min Q(s, a′) − min V(s). The
@@ -206,12 +209,16 @@ class Archer:
     """
 
     name = "archer"
+    acts_with_critic = False
 
     def __init__(self, ctx):
         self.ctx, cfg = ctx, ctx.cfg
         actor, device = ctx.actor, ctx.actor.device
         backbone = actor.policy.model if cfg.critic.encoder == "policy" else None  # one process only (validate)
         critic = DoubleCritic(cfg.critic, vocab_size=ctx.vocab_size, pad_id=actor.pad_id, backbone=backbone)
+        # an unsharded copy that acts during rollouts (CHAI): a sharded forward is a collective, and ranks play
+        # different numbers of turns
+        self.local_critic = copy.deepcopy(critic).to(device) if self.acts_with_critic and ctx.mesh is not None else None
         self.critic, self.target = critic.to(device), make_target(critic).to(device)
         if ctx.mesh is not None:
             parallelize(self.critic, self.critic.encoder_layers(), ctx.mesh)
@@ -230,6 +237,15 @@ class Archer:
         self._parts = {"critic": ModelState(self.critic), "target": ModelState(self.target),
                        "critic_opt": OptimizerState(self.critic_modules, self.critic_opt, "critic_opt", ctx.log),
                        "replay": self.buffer}
+        self.baseline = self.baseline_opt = None
+        if cfg.archer.token_baseline:  # b_h(s, a_<h): a token value model started from the policy
+            baseline = TokenValueModel(ctx.make_policy())
+            self.baseline = ctx.shard(baseline, baseline.blocks())
+            self.baseline.train()
+            self.baseline_opt = torch.optim.AdamW([p for p in self.baseline.parameters() if p.requires_grad],
+                                                  lr=cfg.optim.critic_lr, weight_decay=cfg.optim.weight_decay)
+            self._parts.update({"token_baseline": ModelState(self.baseline), "token_baseline_opt": OptimizerState(
+                self.baseline, self.baseline_opt, "token_baseline_opt", ctx.log)})
 
     def parts(self) -> dict:
         return dict(self._parts)
@@ -239,12 +255,14 @@ class Archer:
         return f"critic: {params:,} params ({self.ctx.cfg.critic.encoder} encoder); {self.buffer.describe()}"
 
     def start(self, resumed: bool) -> None:
-        pass
+        if self.baseline is not None and not resumed:
+            self.baseline.copy_trunk_from(self.ctx.actor.policy)
 
     def update(self, batch, bag) -> dict[str, float]:
         a, cfg = self.ctx.cfg.archer, self.ctx.cfg
-        for group in self.critic_opt.param_groups if cfg.optim.scheduled else ():
-            group["lr"] = cfg.optim.critic_lr * cfg.optim.lr_multiplier(batch.iteration, cfg.iterations)
+        for opt in (self.critic_opt, self.baseline_opt) if cfg.optim.scheduled else ():
+            for group in opt.param_groups if opt is not None else ():
+                group["lr"] = cfg.optim.critic_lr * cfg.optim.lr_multiplier(batch.iteration, cfg.iterations)
         if len(batch.transitions):
             self.buffer.add(batch.transitions.to(self.ctx.actor.device))
         t0 = time.perf_counter()
@@ -260,7 +278,8 @@ class Archer:
         a, ctx = self.ctx.cfg.archer, self.ctx
         micro = a.critic_epochs * a.grad_accum
         batch = self.buffer.sample(a.batch_size * micro, ctx.streams.buffer_gen)
-        fresh_ids, fresh_len, _, calls = ctx.actor.sample_actions(batch, ctx.streams.sample_gen)
+        fresh_ids, fresh_len, _, calls = ctx.actor.sample_actions(batch, ctx.streams.sample_gen,
+                                                                  self.acting_engine(ctx.actor.engine))
         bag.add({"count/fresh_generate_calls": float(calls)})
         for step in range(a.critic_epochs):
             for k in range(a.grad_accum):
@@ -311,15 +330,36 @@ class Archer:
                 # the traces see the scored tokens only, as the loss does
                 with traces.actor_micro_batch(step, mb.state_ids, mb.state_len, f_ids, f_sampled, advantage=advantage,
                                               q_value=torch.minimum(q1, q2)) as trace:  # forward + backward inside
-                    logprob_sum, entropy = actor.logprobs(mb.state_ids, mb.state_len, f_ids, f_len, trace=trace,
-                                                          sampled_len=f_sampled)
-                    loss, metrics = actor_loss(logprob_sum=logprob_sum, advantage=advantage, entropy=entropy,
-                                               entropy_coeff=a.entropy_coeff)
+                    if self.baseline is None:
+                        logprob_sum, entropy = actor.logprobs(mb.state_ids, mb.state_len, f_ids, f_len, trace=trace,
+                                                              sampled_len=f_sampled)
+                        loss, metrics = actor_loss(logprob_sum=logprob_sum, advantage=advantage, entropy=entropy,
+                                                   entropy_coeff=a.entropy_coeff)
+                    else:
+                        loss, metrics = self._token_baseline_loss(mb, f_ids, f_len, f_sampled, advantage, trace)
                     (loss / a.grad_accum).backward()
                 ctx.guard.track("actor", loss / a.grad_accum)
                 bag.add(metrics)
             bag.add(traces.finish_step(step))  # {} unless a trace is due at this step
             bag.add({"actor/grad_norm": ctx.guard.check_and_step(
                 "actor", actor.optimizer, max_norm=ctx.cfg.optim.actor_grad_clip, iteration=iteration)})
+            if self.baseline_opt is not None:
+                bag.add({"actor/token_baseline_grad_norm": ctx.guard.check_and_step(
+                    "token_baseline", self.baseline_opt, max_norm=ctx.cfg.optim.critic_grad_clip, iteration=iteration)})
             sync_s += actor.sync_engine()  # the next epoch samples a′ from the updated policy
         return sync_s
+
+    def _token_baseline_loss(self, mb, f_ids, f_len, f_sampled, advantage, trace):
+        """`token_baseline_actor_loss` on the fresh actions, less the entropy bonus: the policy's per-token
+        log-probs, the token baseline's b_h on the same (s, a′)."""
+        actor, a = self.ctx.actor, self.ctx.cfg.archer
+        logprob, token_entropy, mask = actor.token_logprobs(mb.state_ids, mb.state_len, f_ids, f_len,
+                                                            sampled_len=f_sampled)
+        if trace is not None:
+            trace.set_token_entropy(token_entropy)
+        values = self.baseline(mb.state_ids, mb.state_len, f_ids, f_len, pad_id=actor.pad_id)
+        loss, metrics = token_baseline_actor_loss(token_logprobs=logprob, token_values=values.to(logprob.dtype),
+                                                  advantage=advantage, mask=mask)
+        entropy = (token_entropy * mask).sum(-1)
+        loss = loss - a.entropy_coeff * entropy.mean()
+        return loss, {**metrics, "actor/entropy": entropy.mean().detach(), "actor/loss": loss.detach()}

@@ -29,8 +29,10 @@ from fastarcher.replay import TransitionBatch
 class AlgoContext:
     """What an algorithm gets from the run: the config, the policy side, the step guard, this rank's
     random streams, the rank layout, the tokenizer's vocabulary size, the device mesh (None on one
-    process), a log function, and `make_policy()`, which builds another module of the policy's architecture,
-    placed and sharded like the policy (for a reference policy; its weights are whatever loading gives)."""
+    process), a log function, `make_policy()`, which builds another module of the policy's architecture on
+    the training device (unsharded; its weights are whatever loading gives: copy the policy's in), and
+    `shard(module, blocks)`, which FSDP2-shards a module like the policy (each block, then the root) when
+    there are several processes and returns it."""
 
     cfg: Any  # fastarcher.config.TrainConfig
     actor: Actor
@@ -41,6 +43,7 @@ class AlgoContext:
     mesh: Any = None
     log: Callable[[str], None] = print
     make_policy: Callable[[], Any] | None = None
+    shard: Callable[[Any, list], Any] = lambda module, blocks: module
 
 
 @dataclass
@@ -51,10 +54,16 @@ class IterationBatch:
     iteration: int
     rollout: Any  # fastarcher.rollout.collect.RolloutResult
     transitions: TransitionBatch
+    greedy: Any = None
+    """For an algorithm with `greedy_baseline`: one greedy episode per distinct seed of `rollout`
+    (`RolloutResult`, episodes in the order the seeds first appear)."""
 
 
 class Algorithm(Protocol):
     name: str
+    greedy_baseline: bool  # the loop plays a greedy episode per seed too (ReMax)
+
+    def acting_engine(self, engine): ...  # what plays the episodes (the policy's engine, or a wrapper of it)
 
     def parts(self) -> dict[str, Any]:
         """Checkpoint parts this algorithm owns (fastarcher/checkpoint/parts.py), by name."""
@@ -69,3 +78,26 @@ class Algorithm(Protocol):
         """Learn from the iteration's experience; per-step metrics go into `bag`, and the returned dict
         holds per-iteration ones (`time/critic_s`, `time/actor_s`, `time/sync_s`, ...)."""
         ...
+
+
+class AlgorithmBase:
+    """Defaults of the optional parts of the interface: nothing to checkpoint, nothing to do at the start,
+    no greedy baseline rollout."""
+
+    name = ""
+    greedy_baseline = False
+    """True: the loop also plays one greedy episode per distinct env seed of the iteration (`batch.greedy`)."""
+
+    def __init__(self, ctx: AlgoContext):
+        self.ctx = ctx
+
+    def parts(self) -> dict[str, Any]:
+        return {}
+
+    def start(self, resumed: bool) -> None:
+        pass
+
+    def acting_engine(self, engine):
+        """The engine the loop plays episodes with (training and evaluation): the policy's own by default;
+        CHAI wraps it to pick the best of several samples by its critic."""
+        return engine

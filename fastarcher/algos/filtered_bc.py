@@ -15,6 +15,7 @@ import time
 import torch
 from torch import Tensor
 
+from fastarcher.algos.base import AlgorithmBase
 from fastarcher.algos.elite import TopTrajectories, filter_top_fraction
 from fastarcher.algos.on_policy import on_policy_update, policy_step, turn_weights
 from fastarcher.dist import all_reduce_max
@@ -38,7 +39,7 @@ def bc_loss(*, logprob_sum: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Ten
     return nll, metrics
 
 
-class FilteredBC:
+class FilteredBC(AlgorithmBase):
     """`--algo filtered_bc`: behaviour cloning on every turn of the top `baseline.filter_fraction` episodes by
     return — of all episodes played so far (`baseline.filter_over all`, the ArCHer paper's baseline; the
     kept turns live in a `TopTrajectories` store, a per-process checkpoint part) or of this iteration's
@@ -53,9 +54,6 @@ class FilteredBC:
 
     def parts(self) -> dict:
         return {"elite": self.store} if self.store is not None else {}
-
-    def start(self, resumed: bool) -> None:
-        pass
 
     def update(self, batch, bag) -> dict[str, float]:
         kept = batch.rollout.kept()

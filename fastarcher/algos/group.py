@@ -19,13 +19,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastarcher.algos.base import AlgorithmBase
 from fastarcher.algos.estimators import rloo_advantages
 from fastarcher.algos.kl_control import KLControl
 from fastarcher.algos.on_policy import episode_sums, on_policy_update, turn_weights
 from fastarcher.algos.reinforce import group_advantages, pg_loss
 
 
-class _GroupPolicyGradient:
+class _GroupPolicyGradient(AlgorithmBase):
     name = ""
 
     def __init__(self, ctx):

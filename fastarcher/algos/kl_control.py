@@ -22,6 +22,7 @@ from torch import Tensor
 from fastarcher.algos.kl import AdaptiveKLController, FixedKLController, kl_full, kl_penalty
 from fastarcher.checkpoint import ModelState
 from fastarcher.dist import all_reduce_max, all_reduce_sum
+from fastarcher.model import transformer_blocks
 from fastarcher.reference import ReferencePolicy
 from fastarcher.replay import TransitionBatch
 from fastarcher.rollout.collect import sampled_lengths
@@ -42,7 +43,8 @@ class KLControl:
                            else FixedKLController(k.coef))
         if self.enabled:
             actor = ctx.actor
-            self.reference = ReferencePolicy(ctx.make_policy(), pad_id=actor.pad_id, constraint=actor.constraint,
+            model = ctx.make_policy()
+            self.reference = ReferencePolicy(ctx.shard(model, transformer_blocks(model)), pad_id=actor.pad_id, constraint=actor.constraint,
                                              max_new_tokens=ctx.cfg.rollout.max_new_tokens)
         self._sum = torch.zeros((), dtype=torch.float64)  # this iteration's Σ per-token KL and token count
         self._count = torch.zeros((), dtype=torch.float64)

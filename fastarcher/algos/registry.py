@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from fastarcher.algos.archer import Archer
 from fastarcher.algos.base import AlgoContext, Algorithm
+from fastarcher.algos.chai import Chai
 from fastarcher.algos.filtered_bc import FilteredBC
 from fastarcher.algos.group import GRPO, RLOO
 from fastarcher.algos.reinforce import Reinforce
+from fastarcher.algos.remax import ReMax
+from fastarcher.algos.ppo import PPO
 from fastarcher.algos.reinforce_pp import ReinforcePP
 
-REGISTRY = {cls.name: cls for cls in (Archer, Reinforce, GRPO, RLOO, ReinforcePP, FilteredBC)}
+REGISTRY = {cls.name: cls for cls in (Archer, Chai, Reinforce, GRPO, RLOO, ReinforcePP, ReMax, PPO, FilteredBC)}
 """Algorithms with an update step; `sft` is the warm start alone and builds none."""
 
 

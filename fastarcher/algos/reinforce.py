@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastarcher.algos.base import AlgorithmBase
 from fastarcher.algos.kl_control import KLControl
 from fastarcher.algos.on_policy import discounted_turn_returns, on_policy_update
 
@@ -72,7 +73,7 @@ def policy_gradient_loss(*, logprob_sum: Tensor, advantage: Tensor) -> tuple[Ten
     return pg_loss, metrics
 
 
-class Reinforce:
+class Reinforce(AlgorithmBase):
     """`--algo reinforce`: on-policy REINFORCE over the iteration's turns, each weighted by its episode's
     batch-mean-baselined Monte-Carlo return (optionally std-normalised), `baseline.update_epochs` passes.
     Builds nothing: no critic, no replay buffer."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastarcher.algos.base import AlgorithmBase
 from fastarcher.algos.estimators import reinforce_pp_advantages
 from fastarcher.algos.kl_control import KLControl
 from fastarcher.algos.on_policy import on_policy_update
@@ -36,7 +37,7 @@ def token_rewards(turn_rewards: Tensor, penalty: Tensor | None, scored: Tensor,
     return rewards, layout.mask, layout
 
 
-class ReinforcePP:
+class ReinforcePP(AlgorithmBase):
     """`--algo reinforce_pp`. Builds a reference policy only with --kl.coef > 0 (the KL then goes in the
     reward: --kl.placement reward)."""
 

@@ -1,0 +1,95 @@
+"""PPO (fastarcher/algos/ppo.py): the token-level value model reads the hidden state that predicts each action
+token (checked against the trunk run on each unpadded prefix), advantage whitening by hand, the estimator
+switch, and a PPO update on one process whose value model fits the returns of a fixed batch."""
+import pytest
+import torch
+
+from dist_helpers import tiny_policy
+from fastarcher.algos.estimators import archer_token_advantages, bilevel_gae, gae
+from fastarcher.algos.ppo import estimate, whiten
+from fastarcher.config import PPOConfig, TrainConfig
+from fastarcher.value_model import TokenValueModel
+
+
+def test_token_values_are_the_head_on_the_hidden_state_before_each_action_token():
+    lm, tok = tiny_policy(torch.float64, seed=2, init_std=0.3)
+    model = TokenValueModel(lm)
+    with torch.no_grad():
+        model.head.weight.normal_(generator=torch.Generator().manual_seed(0))
+        model.head.bias.fill_(0.25)
+    pad = tok.pad_token_id
+    state = torch.tensor([[5, 6, 7, 8], [9, 10, pad, pad]])
+    action = torch.tensor([[11, 12, 13], [14, pad, pad]])
+    values = model(state, torch.tensor([4, 2]), action, torch.tensor([3, 1]), pad_id=pad)
+    assert values.shape == (2, 3)
+    for row, (s_len, a_len) in enumerate([(4, 3), (2, 1)]):
+        for h in range(a_len):
+            prefix = torch.cat([state[row, :s_len], action[row, :h]])[None]  # s ⊕ a_<h, no padding
+            hidden = lm.model(input_ids=prefix).last_hidden_state[0, -1]
+            expected = (hidden @ model.head.weight[0] + model.head.bias[0]).float()
+            torch.testing.assert_close(values[row, h], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fresh_head_gives_zero_values():
+    lm, tok = tiny_policy(torch.float64, seed=2)
+    model = TokenValueModel(lm)
+    values = model(torch.tensor([[5, 6]]), torch.tensor([2]), torch.tensor([[7, 8]]), torch.tensor([2]),
+                   pad_id=tok.pad_token_id)
+    assert values.abs().max() == 0
+
+
+def test_whiten_by_hand():
+    x = torch.tensor([[1.0, 3.0, 100.0], [5.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # masked entries 1, 3, 5: mean 3, unbiased var (4 + 0 + 4) / 2 = 4, std 2
+    torch.testing.assert_close(whiten(x, mask, eps=0.0), torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+
+
+def test_estimator_switch_calls_the_named_estimator():
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.1, 0.2, 0.0, 0.3, 0.4]])
+    mask = torch.tensor([[1, 1, 0, 1, 1]])
+    cfg = PPOConfig(gamma=0.9, lam=0.8, high_level_gamma=0.7, archer_alpha=0.4)
+    for name, expected in [("gae", gae(rewards, values, mask, 0.9, 0.8)),
+                           ("bilevel_gae", bilevel_gae(rewards, values, mask, 0.9, 0.8, 0.7)),
+                           ("archer", archer_token_advantages(rewards, values, mask, 0.9, 0.8, 0.7, 0.4))]:
+        got = estimate(name, rewards, values, mask, cfg)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), name
+    with pytest.raises(ValueError, match="ppo.estimator"):
+        estimate("vtrace", rewards, values, mask, cfg)
+
+
+def test_ppo_config_rules():
+    with pytest.raises(ValueError, match="ppo.dual_clip"):
+        TrainConfig(algo="ppo", ppo=PPOConfig(dual_clip=1.0)).validate()
+    with pytest.raises(ValueError, match=r"ppo.lam \(1.5\)"):
+        TrainConfig(algo="ppo", ppo=PPOConfig(lam=1.5)).validate()
+
+
+@pytest.mark.parametrize("estimator", ["gae", "bilevel_gae", "archer"])
+def test_ppo_updates_fit_the_value_model_to_a_fixed_batch(tmp_path, monkeypatch, estimator):
+    from dist_helpers import REPO
+    from fastarcher.algos.base import IterationBatch
+    from fastarcher.dist import DistInfo
+    from fastarcher.metrics import MetricBag
+    from fastarcher.train import parse_config
+    from fastarcher.trainer import Trainer
+
+    monkeypatch.chdir(REPO)
+    flags = ("--config configs/tiny_cpu.yaml --algo ppo --rollout.num-envs 4 --eval.episodes 2 --log.no-progress "
+             f"--model.num-layers 1 --ppo.estimator {estimator} --ppo.epochs 2 --optim.critic-lr 1e-2 --archer.batch-size 8").split()
+    cfg = parse_config([*flags, "--log.run-dir", str(tmp_path / "run")])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    trainer.algorithm.start(resumed=False)
+    value_lm = trainer.algorithm.value.lm
+    assert all(torch.equal(a, b) for a, b in zip(value_lm.parameters(), trainer.policy.parameters()))
+    rollout = trainer.play(trainer.runner, trainer.train_seeds(), greedy=False)
+    transitions = rollout.transitions(cfg.archer.gamma, trainer.pad_id)
+    transitions.reward = torch.ones(len(transitions))  # returns to fit: the rewards still to come
+    losses = []
+    for it in range(8):
+        bag = MetricBag()
+        trainer.algorithm.update(IterationBatch(it, rollout, transitions), bag)
+        losses.append(bag.means()["critic/value_loss"])
+    assert losses[-1] < 0.5 * losses[0], losses
+    trainer.logger.close()
