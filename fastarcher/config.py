@@ -25,7 +25,7 @@ from fastarcher.model import ModelConfig
 from fastarcher.schedule import lr_multiplier
 from fastarcher.traces.config import TraceConfig
 
-KL_ALGOS = ("reinforce", "grpo", "rloo", "reinforce_pp", "remax", "ppo")
+KL_ALGOS = ("archer", "reinforce", "grpo", "rloo", "reinforce_pp", "remax", "ppo")
 """Algorithms that take a KL toward a reference policy (--kl.coef)."""
 
 Algo = Literal["archer", "chai", "reinforce", "grpo", "rloo", "reinforce_pp", "remax", "ppo", "filtered_bc", "sft"]
@@ -137,6 +137,9 @@ class BaselineConfig:
     """reinforce: divide advantages by the return std (GRPO-style)."""
     group_std: bool = True
     """grpo: divide each group's advantages by its return std (GRPO); off is Dr. GRPO."""
+    length_norm: bool = False
+    """reinforce / grpo / rloo / remax: weigh each utterance's mean token log-prob (GRPO's 1/|o| Σ_t) instead of
+    its sum (the default: Dr. GRPO's unbiased form, long and short utterances alike)."""
     update_epochs: int = 1
     """reinforce / grpo / rloo / reinforce_pp: passes over each iteration's rollouts."""
     token_gamma: float = 1.0
@@ -251,7 +254,8 @@ class OptimConfig:
 class KLConfig:
     coef: float = 0.0
     """β, the weight of the KL toward a frozen reference policy (the policy as RL starts, after any warm
-    start); 0 = no KL and no reference policy built. Policy-gradient algorithms only (not archer, filtered_bc)."""
+    start); 0 = no KL and no reference policy built. Policy-gradient algorithms (archer's actor included:
+    on its fresh actions, in the loss), not chai or filtered_bc."""
     estimator: Literal["kl", "abs", "mse", "low_var_kl", "full"] = "low_var_kl"
     """Per-token estimator (fastarcher/algos/kl.py): kl (k1), abs, mse (k2), low_var_kl (k3), full (exact,
     over the vocabulary)."""
@@ -403,6 +407,9 @@ class TrainConfig:
         if self.algo in ("grpo", "rloo") and self.rollout.group_size < 2:
             raise ValueError(f"algo {self.algo!r} compares episodes of the same env seed: set rollout.group_size to 2 "
                              f"or more (e.g. --rollout.group-size 4)")
+        if self.algo == "archer" and self.kl.coef > 0 and self.kl.placement != "loss":
+            raise ValueError("algo 'archer' takes the KL in the actor loss only (its rewards come from the replay "
+                             "buffer): use --kl.placement loss")
         if self.kl.coef > 0 and self.algo not in KL_ALGOS:
             raise ValueError(f"kl.coef ({self.kl.coef}) applies to the policy-gradient algorithms ({', '.join(KL_ALGOS)}), "
                              f"not to {self.algo!r}: drop --kl.coef")

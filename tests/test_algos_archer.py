@@ -171,3 +171,28 @@ def test_token_baseline_flag_trains_a_token_value_model_started_from_the_policy(
     assert not torch.equal(head, algo.baseline.head.weight)  # b_h moved toward the advantages
     assert algo.baseline_opt.state  # stepped by its own optimizer, not the actor's
     trainer.logger.close()
+
+
+def test_kl_flag_adds_the_kl_to_the_actor_loss_on_fresh_actions(tmp_path, monkeypatch):
+    from dist_helpers import REPO
+    from fastarcher.dist import DistInfo
+    from fastarcher.train import parse_config
+    from fastarcher.trainer import Trainer
+
+    monkeypatch.chdir(REPO)
+    flags = ("--config configs/tiny_cpu.yaml --algo archer --kl.coef 0.5 --kl.estimator mse --archer.warmup-iterations 0 "
+             "--rollout.num-envs 4 --eval.episodes 2 --log.no-progress --model.num-layers 1 --critic.num-layers 1 "
+             "--archer.batch-size 4 --archer.critic-epochs 1 --archer.actor-epochs 3 --optim.actor-lr 1e-2 "
+             "--optim.actor-grad-clip 1.0").split()
+    cfg = parse_config([*flags, "--log.run-dir", str(tmp_path / "run")])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    algo = trainer.algorithm
+    assert {"reference", "kl_controller"} <= set(algo.parts())
+    algo.start(resumed=False)
+    metrics = trainer.iterate()
+    # the first actor step measures KL 0 (π = π_ref); the later ones, after steps at lr 1e-2, do not
+    assert metrics["kl/value"] > 0 and metrics["kl/coef"] == 0.5
+    assert metrics["actor/loss"] == pytest.approx(metrics["actor/pg_loss"] - 0.001 * metrics["actor/entropy"]
+                                                  + 0.5 * metrics["actor/kl_loss"], rel=1e-4, abs=1e-6)
+    assert all(p.grad is None for p in algo.kl.reference.model.parameters())
+    trainer.logger.close()

@@ -24,6 +24,8 @@ KL_VARIANTS = {  # a reference policy and a KL controller in the checkpoint, a s
                                "--kl.estimator", "kl", "--baseline.update-epochs", "2"],
     "filtered_bc_iteration": ["--algo", "filtered_bc", "--baseline.filter-over", "iteration"],
     "archer_token_baseline": ["--algo", "archer", "--archer.token-baseline"],
+    "archer_kl_full": ["--algo", "archer", "--kl.coef", "0.1", "--kl.estimator", "full"],
+    "grpo_length_norm": ["--algo", "grpo", "--baseline.length-norm", "--baseline.no-group-std"],
     "remax_kl_loss_groups": ["--algo", "remax", "--kl.coef", "0.1", "--rollout.group-size", "2"],
     "ppo_bilevel_kl_loss": ["--algo", "ppo", "--ppo.estimator", "bilevel_gae", "--kl.coef", "0.1",
                             "--kl.estimator", "mse", "--ppo.dual-clip", "3.0"],

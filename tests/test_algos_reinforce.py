@@ -57,3 +57,25 @@ def test_policy_gradient_loss_gradcheck_float64():
     lp = torch.randn(6, dtype=torch.float64, requires_grad=True)
     adv = torch.randn(6, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x: policy_gradient_loss(logprob_sum=x, advantage=adv)[0], (lp,))
+
+
+def test_length_normalized_loss_weighs_each_utterances_mean_token_logprob():
+    from fastarcher.algos.on_policy import PolicyTokens
+    from fastarcher.algos.reinforce import length_normalized_pg_loss, pg_loss
+
+    logprob = torch.tensor([[-1.0, -3.0, 0.0], [-2.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    tokens = PolicyTokens(logprob=logprob, mask=mask, entropy=torch.zeros(2, 3), weights=torch.tensor([1.0, -2.0]))
+    # sums -4, -2: −mean(1·(−4), −2·(−2)) = −mean(−4, 4) = 0; means −2, −2: −mean(−2, 4) = −1
+    assert pg_loss(tokens)[0].item() == 0.0
+    loss, _ = length_normalized_pg_loss(tokens)
+    assert loss.item() == -1.0
+    loss.backward()
+    # ∂/∂logprob[0, t] = −½ · 1 · ½ for t < 2; ∂/∂logprob[1, 0] = −½ · (−2) · 1
+    assert logprob.grad.tolist() == [[-0.25, -0.25, 0.0], [1.0, 0.0, 0.0]]
+
+
+def test_policy_gradient_loss_gradcheck_float64():
+    lp = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: policy_gradient_loss(logprob_sum=x, advantage=adv)[0], (lp,))

@@ -20,6 +20,7 @@ k times ours.) Metrics are detached 0-d tensors keyed `section/name`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 
 import torch
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastarcher.algos.base import AlgorithmBase
+from fastarcher.algos.kl_control import KLControl
+from fastarcher.algos.on_policy import PolicyTokens
 from fastarcher.checkpoint import ModelState, OptimizerState
 from fastarcher.critic import DoubleCritic, make_target, soft_update
 from fastarcher.parallel import parallelize
@@ -237,6 +240,8 @@ class Archer(AlgorithmBase):
         self._parts = {"critic": ModelState(self.critic), "target": ModelState(self.target),
                        "critic_opt": OptimizerState(self.critic_modules, self.critic_opt, "critic_opt", ctx.log),
                        "replay": self.buffer}
+        self.kl = KLControl(ctx)  # a reference policy only with --kl.coef > 0 (the KL goes in the actor loss)
+        self._parts.update(self.kl.parts())
         self.baseline = self.baseline_opt = None
         if cfg.archer.token_baseline:  # b_h(s, a_<h): a token value model started from the policy
             baseline = TokenValueModel(ctx.make_policy())
@@ -255,6 +260,7 @@ class Archer(AlgorithmBase):
         return f"critic: {params:,} params ({self.ctx.cfg.critic.encoder} encoder); {self.buffer.describe()}"
 
     def start(self, resumed: bool) -> None:
+        self.kl.start(resumed)
         if self.baseline is not None and not resumed:
             self.baseline.copy_trunk_from(self.ctx.actor.policy)
 
@@ -272,6 +278,8 @@ class Archer(AlgorithmBase):
             t1 = time.perf_counter()
             sync_s = self.actor_phase(bag, batch.iteration)
             out.update({"time/actor_s": time.perf_counter() - t1 - sync_s, "time/sync_s": sync_s})
+        if self.kl.enabled:  # logged every iteration (0 while no actor step measured it)
+            out.update(self.kl.end_iteration(self.ctx.cfg.rollout.num_envs))
         return out
 
     def critic_phase(self, bag, iteration: int) -> None:
@@ -330,13 +338,15 @@ class Archer(AlgorithmBase):
                 # the traces see the scored tokens only, as the loss does
                 with traces.actor_micro_batch(step, mb.state_ids, mb.state_len, f_ids, f_sampled, advantage=advantage,
                                               q_value=torch.minimum(q1, q2)) as trace:  # forward + backward inside
-                    if self.baseline is None:
+                    if self.baseline is not None:
+                        loss, metrics = self._token_baseline_loss(mb, f_ids, f_len, f_sampled, advantage, trace)
+                    elif self.kl.in_loss:
+                        loss, metrics = self._kl_actor_loss(mb, f_ids, f_len, f_sampled, advantage, trace)
+                    else:
                         logprob_sum, entropy = actor.logprobs(mb.state_ids, mb.state_len, f_ids, f_len, trace=trace,
                                                               sampled_len=f_sampled)
                         loss, metrics = actor_loss(logprob_sum=logprob_sum, advantage=advantage, entropy=entropy,
                                                    entropy_coeff=a.entropy_coeff)
-                    else:
-                        loss, metrics = self._token_baseline_loss(mb, f_ids, f_len, f_sampled, advantage, trace)
                     (loss / a.grad_accum).backward()
                 ctx.guard.track("actor", loss / a.grad_accum)
                 bag.add(metrics)
@@ -348,6 +358,22 @@ class Archer(AlgorithmBase):
                     "token_baseline", self.baseline_opt, max_norm=ctx.cfg.optim.critic_grad_clip, iteration=iteration)})
             sync_s += actor.sync_engine()  # the next epoch samples a′ from the updated policy
         return sync_s
+
+    def _kl_actor_loss(self, mb, f_ids, f_len, f_sampled, advantage, trace):
+        """`actor_loss` on the fresh actions plus β · token-mean KL(π‖π_ref) on them (`--kl.coef`)."""
+        actor, a = self.ctx.actor, self.ctx.cfg.archer
+        out = actor.token_logprobs(mb.state_ids, mb.state_len, f_ids, f_len, sampled_len=f_sampled,
+                                   log_distribution=self.kl.needs_distribution)
+        logprob, token_entropy, mask = out[:3]
+        if trace is not None:
+            trace.set_token_entropy(token_entropy)
+        loss, metrics = actor_loss(logprob_sum=(logprob * mask).sum(-1), advantage=advantage,
+                                   entropy=(token_entropy * mask).sum(-1), entropy_coeff=a.entropy_coeff)
+        tokens = PolicyTokens(logprob=logprob, mask=mask, entropy=token_entropy * mask, weights=advantage)
+        fresh = dataclasses.replace(mb, action_ids=f_ids, action_len=f_len)
+        kl_loss, kl_metrics = self.kl.loss_term(fresh, tokens, out[3] if self.kl.needs_distribution else None)
+        loss = loss + kl_loss
+        return loss, {**metrics, **kl_metrics, "actor/loss": loss.detach()}
 
     def _token_baseline_loss(self, mb, f_ids, f_len, f_sampled, advantage, trace):
         """`token_baseline_actor_loss` on the fresh actions, less the entropy bonus: the policy's per-token

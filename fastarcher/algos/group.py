@@ -23,7 +23,7 @@ from fastarcher.algos.base import AlgorithmBase
 from fastarcher.algos.estimators import rloo_advantages
 from fastarcher.algos.kl_control import KLControl
 from fastarcher.algos.on_policy import episode_sums, on_policy_update, turn_weights
-from fastarcher.algos.reinforce import group_advantages, pg_loss
+from fastarcher.algos.reinforce import group_advantages, pg_loss_for
 
 
 class _GroupPolicyGradient(AlgorithmBase):
@@ -53,7 +53,8 @@ class _GroupPolicyGradient(AlgorithmBase):
         bag.add({"actor/episode_advantage_abs": advantage.abs().mean() if len(advantage) else torch.zeros(())})
         weights = turn_weights(advantage, turns)
         cfg = self.ctx.cfg
-        out = on_policy_update(self.ctx, batch, bag, weights, pg_loss, epochs=cfg.baseline.update_epochs, kl=self.kl)
+        out = on_policy_update(self.ctx, batch, bag, weights, pg_loss_for(cfg.baseline), epochs=cfg.baseline.update_epochs,
+                               kl=self.kl)
         return {**out, **self.kl.end_iteration(cfg.rollout.num_envs)}
 
 

@@ -98,10 +98,22 @@ class Reinforce(AlgorithmBase):
             penalty = self.kl.reward_penalties(batch.transitions).sum(-1)
             returns = discounted_turn_returns(batch.transitions.reward - penalty, turns, cfg.archer.gamma)
         advantage = group_advantages(returns, None, normalize_std=cfg.baseline.normalize_std)
-        out = on_policy_update(self.ctx, batch, bag, advantage, pg_loss, epochs=cfg.baseline.update_epochs, kl=self.kl)
+        out = on_policy_update(self.ctx, batch, bag, advantage, pg_loss_for(cfg.baseline), epochs=cfg.baseline.update_epochs,
+                               kl=self.kl)
         return {**out, **self.kl.end_iteration(cfg.rollout.num_envs)}
 
 
 def pg_loss(tokens) -> tuple[Tensor, dict[str, Tensor]]:
     """`policy_gradient_loss` as the loss the on-policy updates take (`PolicyTokens`; weights: advantages)."""
     return policy_gradient_loss(logprob_sum=tokens.logprob_sum, advantage=tokens.weights)
+
+
+def length_normalized_pg_loss(tokens) -> tuple[Tensor, dict[str, Tensor]]:
+    """`policy_gradient_loss` on each utterance's mean token log-prob, 1/|o| Σ_t log π (GRPO's form)."""
+    count = tokens.mask.sum(-1).clamp(min=1).to(tokens.logprob.dtype)
+    return policy_gradient_loss(logprob_sum=tokens.logprob_sum / count, advantage=tokens.weights)
+
+
+def pg_loss_for(baseline_cfg):
+    """The utterance-level policy-gradient loss `--baseline.length-norm` selects."""
+    return length_normalized_pg_loss if baseline_cfg.length_norm else pg_loss

@@ -18,7 +18,7 @@ from fastarcher.algos.base import AlgorithmBase
 from fastarcher.algos.estimators import remax_advantages
 from fastarcher.algos.kl_control import KLControl
 from fastarcher.algos.on_policy import episode_sums, on_policy_update, turn_weights
-from fastarcher.algos.reinforce import pg_loss
+from fastarcher.algos.reinforce import pg_loss_for
 
 
 def greedy_baselines(seeds: list[int], greedy_episodes) -> tuple[torch.Tensor, int]:
@@ -55,6 +55,6 @@ class ReMax(AlgorithmBase):
         advantage = remax_advantages(returns, baseline)
         bag.add({"actor/greedy_return_mean": baseline.mean() if len(baseline) else torch.zeros(()),
                  "count/remax_missing_baselines": float(missing)})
-        out = on_policy_update(self.ctx, batch, bag, turn_weights(advantage, turns), pg_loss,
+        out = on_policy_update(self.ctx, batch, bag, turn_weights(advantage, turns), pg_loss_for(cfg.baseline),
                                epochs=cfg.baseline.update_epochs, kl=self.kl)
         return {**out, **self.kl.end_iteration(cfg.rollout.num_envs)}
