@@ -139,7 +139,9 @@ def test_reinforce_pp_token_rewards_put_the_turn_reward_last_and_the_penalty_on_
 
 def test_kl_config_rules():
     with pytest.raises(ValueError, match="applies to the policy-gradient algorithms"):
-        TrainConfig(algo="archer", kl=KLConfig(coef=0.1)).validate()
+        TrainConfig(algo="chai", kl=KLConfig(coef=0.1)).validate()
+    with pytest.raises(ValueError, match="archer' takes the KL in the actor loss only"):
+        TrainConfig(algo="archer", kl=KLConfig(coef=0.1, placement="reward")).validate()
     with pytest.raises(ValueError, match="--kl.placement reward"):
         TrainConfig(algo="reinforce_pp", kl=KLConfig(coef=0.1, placement="loss")).validate()
     with pytest.raises(ValueError, match="kl.target"):

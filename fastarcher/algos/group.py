@@ -19,25 +19,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastarcher.algos.base import AlgorithmBase
 from fastarcher.algos.estimators import rloo_advantages
-from fastarcher.algos.kl_control import KLControl
+from fastarcher.algos.kl_control import KLPolicyGradient
 from fastarcher.algos.on_policy import episode_sums, on_policy_update, turn_weights
 from fastarcher.algos.reinforce import group_advantages, pg_loss_for
 
 
-class _GroupPolicyGradient(AlgorithmBase):
+class _GroupPolicyGradient(KLPolicyGradient):
     name = ""
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-        self.kl = KLControl(ctx)
-
-    def parts(self) -> dict:
-        return self.kl.parts()
-
-    def start(self, resumed: bool) -> None:
-        self.kl.start(resumed)
 
     def advantages(self, returns: Tensor, groups: Tensor) -> Tensor:
         raise NotImplementedError

@@ -14,16 +14,15 @@ Owns the reference policy (a sharded checkpoint part, `ReferencePolicy`) and the
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from fastarcher.algos.base import AlgorithmBase
 from fastarcher.algos.kl import AdaptiveKLController, FixedKLController, kl_full, kl_penalty
 from fastarcher.checkpoint import ModelState
-from fastarcher.dist import all_reduce_max, all_reduce_sum
+from fastarcher.dist import all_reduce_sum
 from fastarcher.model import transformer_blocks
-from fastarcher.reference import ReferencePolicy
+from fastarcher.reference import ReferencePolicy, score_rows, scored_mask
 from fastarcher.replay import TransitionBatch
 from fastarcher.rollout.collect import sampled_lengths
 
@@ -91,25 +90,19 @@ class KLControl:
         """β · k_t for every sampled token of every transition, (N, A) on the CPU (0 off the sampled tokens):
         the sampling policy's log-probs against the reference's, in chunks (placement 'reward')."""
         ctx = self.ctx
-        actor, chunk = ctx.actor, ctx.cfg.archer.batch_size
-        n, width = len(transitions), transitions.action_ids.shape[1]
-        penalty = torch.zeros(n, width)
-        # a sharded forward is a collective: every rank runs as many chunks as the rank with the most rows
-        chunks = int(all_reduce_max(torch.tensor([math.ceil(n / chunk)], dtype=torch.long))[0])
-        for c in range(chunks):
-            rows = torch.arange(c * chunk, (c + 1) * chunk) % max(n, 1)
-            live = torch.arange(c * chunk, (c + 1) * chunk) < n
-            mb = transitions.select(rows).to(actor.device).trimmed()
+        actor, full = ctx.actor, self.needs_distribution
+
+        def estimate(mb: TransitionBatch) -> Tensor:
             sampled = sampled_lengths(mb.action_len, ctx.cfg.rollout.max_new_tokens)
             out = actor.token_logprobs(mb.state_ids, mb.state_len, mb.action_ids, mb.action_len, sampled_len=sampled,
-                                       log_distribution=self.needs_distribution)
-            ref = self.reference.token_logprobs(mb, log_distribution=self.needs_distribution)
-            k = self._estimate(out[0], ref[0], out[3] if self.needs_distribution else None,
-                               ref[1] if self.needs_distribution else None)
-            k = (k * out[2]).float().cpu()
-            self._record(k[live], out[2].cpu()[live])
-            penalty[rows[live], :k.shape[1]] = self.beta * k[live]
-        return penalty
+                                       log_distribution=full)
+            ref = self.reference.token_logprobs(mb, log_distribution=full)
+            k = self._estimate(out[0], ref[0], out[3] if full else None, ref[1] if full else None)
+            return k * out[2]
+
+        k = score_rows(transitions, estimate, chunk=ctx.cfg.archer.batch_size, device=actor.device)
+        self._record(k, scored_mask(transitions.action_len, k.shape[1], ctx.cfg.rollout.max_new_tokens))
+        return self.beta * k
 
     def end_iteration(self, episodes: int) -> dict[str, float]:
         """Adapt β from the iteration's mean per-token KL over all ranks (`episodes`: the iteration's episodes
@@ -123,3 +116,18 @@ class KLControl:
         metrics = {"kl/value": mean_kl, "kl/coef": self.beta}
         self.controller.update(mean_kl, min(episodes, int(5 * self.ctx.cfg.kl.horizon)))
         return metrics
+
+
+class KLPolicyGradient(AlgorithmBase):
+    """Base of the policy-gradient algorithms that take `--kl.*`: owns the `KLControl` (`self.kl`), checkpoints
+    its parts and anchors its reference at the start."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.kl = KLControl(ctx)
+
+    def parts(self) -> dict:
+        return self.kl.parts()
+
+    def start(self, resumed: bool) -> None:
+        self.kl.start(resumed)

@@ -24,9 +24,8 @@ import time
 import torch
 from torch import Tensor
 
-from fastarcher.algos.base import AlgorithmBase
 from fastarcher.algos.estimators import archer_token_advantages, bilevel_gae, gae
-from fastarcher.algos.kl_control import KLControl
+from fastarcher.algos.kl_control import KLPolicyGradient
 from fastarcher.algos.on_policy import policy_step
 from fastarcher.algos.ppo_loss import ppo_policy_loss, value_loss
 from fastarcher.algos.reinforce_pp import token_rewards
@@ -59,7 +58,7 @@ def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     return (x - mean) * torch.rsqrt(var + eps) * m
 
 
-class PPO(AlgorithmBase):
+class PPO(KLPolicyGradient):
     """`--algo ppo`. Builds a token-level value model and its optimizer, and a reference policy with
     --kl.coef > 0."""
 
@@ -68,7 +67,6 @@ class PPO(AlgorithmBase):
     def __init__(self, ctx):
         super().__init__(ctx)
         cfg = ctx.cfg
-        self.kl = KLControl(ctx)
         value = TokenValueModel(ctx.make_policy())
         self.value = ctx.shard(value, value.blocks())
         self.value.train()
@@ -80,7 +78,7 @@ class PPO(AlgorithmBase):
                 "value_opt": OptimizerState(self.value, self.value_opt, "value_opt", self.ctx.log)}
 
     def start(self, resumed: bool) -> None:
-        self.kl.start(resumed)
+        super().start(resumed)
         if not resumed:
             self.value.copy_trunk_from(self.ctx.actor.policy)
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastarcher.algos.base import AlgorithmBase
-from fastarcher.algos.kl_control import KLControl
+from fastarcher.algos.kl_control import KLPolicyGradient
 from fastarcher.algos.on_policy import discounted_turn_returns, on_policy_update
 
 
@@ -73,22 +72,12 @@ def policy_gradient_loss(*, logprob_sum: Tensor, advantage: Tensor) -> tuple[Ten
     return pg_loss, metrics
 
 
-class Reinforce(AlgorithmBase):
+class Reinforce(KLPolicyGradient):
     """`--algo reinforce`: on-policy REINFORCE over the iteration's turns, each weighted by its episode's
     batch-mean-baselined Monte-Carlo return (optionally std-normalised), `baseline.update_epochs` passes.
     Builds nothing: no critic, no replay buffer."""
 
     name = "reinforce"
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-        self.kl = KLControl(ctx)
-
-    def parts(self) -> dict:
-        return self.kl.parts()
-
-    def start(self, resumed: bool) -> None:
-        self.kl.start(resumed)
 
     def update(self, batch, bag) -> dict[str, float]:
         cfg = self.ctx.cfg

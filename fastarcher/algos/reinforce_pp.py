@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastarcher.algos.base import AlgorithmBase
 from fastarcher.algos.estimators import reinforce_pp_advantages
-from fastarcher.algos.kl_control import KLControl
+from fastarcher.algos.kl_control import KLPolicyGradient
 from fastarcher.algos.on_policy import on_policy_update
 from fastarcher.algos.ppo_loss import ppo_policy_loss
 from fastarcher.algos.token_view import episode_layout, pack, turn_end_rewards, unpack
@@ -37,21 +36,11 @@ def token_rewards(turn_rewards: Tensor, penalty: Tensor | None, scored: Tensor,
     return rewards, layout.mask, layout
 
 
-class ReinforcePP(AlgorithmBase):
+class ReinforcePP(KLPolicyGradient):
     """`--algo reinforce_pp`. Builds a reference policy only with --kl.coef > 0 (the KL then goes in the
     reward: --kl.placement reward)."""
 
     name = "reinforce_pp"
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-        self.kl = KLControl(ctx)
-
-    def parts(self) -> dict:
-        return self.kl.parts()
-
-    def start(self, resumed: bool) -> None:
-        self.kl.start(resumed)
 
     def update(self, batch, bag) -> dict[str, float]:
         ctx, cfg = self.ctx, self.ctx.cfg

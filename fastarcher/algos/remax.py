@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from fastarcher.algos.base import AlgorithmBase
 from fastarcher.algos.estimators import remax_advantages
-from fastarcher.algos.kl_control import KLControl
+from fastarcher.algos.kl_control import KLPolicyGradient
 from fastarcher.algos.on_policy import episode_sums, on_policy_update, turn_weights
 from fastarcher.algos.reinforce import pg_loss_for
 
@@ -28,21 +27,11 @@ def greedy_baselines(seeds: list[int], greedy_episodes) -> tuple[torch.Tensor, i
     return torch.tensor([by_seed.get(s, 0.0) for s in seeds], dtype=torch.float32), missing
 
 
-class ReMax(AlgorithmBase):
+class ReMax(KLPolicyGradient):
     """`--algo remax`."""
 
     name = "remax"
     greedy_baseline = True
-
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self.kl = KLControl(ctx)
-
-    def parts(self) -> dict:
-        return self.kl.parts()
-
-    def start(self, resumed: bool) -> None:
-        self.kl.start(resumed)
 
     def update(self, batch, bag) -> dict[str, float]:
         cfg = self.ctx.cfg
