@@ -123,3 +123,16 @@ def test_restored_scheduler_continues_identically(order):
         for a, b in zip(model.parameters(), model2.parameters()):
             assert torch.equal(a, b)
     assert sched2.checkpoint_scope == "run"  # the contract of checkpoint/parts.py
+
+
+def test_optim_config_schedule_is_a_function_of_the_iteration():
+    from fastarcher.config import OptimConfig
+
+    constant = OptimConfig()
+    assert not constant.scheduled and constant.lr_multiplier(7, 10) == 1.0  # the optimizers' lr is left alone
+    linear = OptimConfig(lr_schedule="linear", lr_warmup_iterations=2, min_lr_ratio=0.1)
+    assert linear.scheduled
+    # warm-up 1/2, 2/2; then u = (i − 2)/(10 − 2): 0.1 + 0.9·(1 − u)
+    expected = [0.5, 1.0, 1.0, 0.1 + 0.9 * 7 / 8, 0.1 + 0.9 * 6 / 8]
+    assert [linear.lr_multiplier(i, 10) for i in range(5)] == pytest.approx(expected)
+    assert OptimConfig(lr_warmup_iterations=4).lr_multiplier(0, 3) == pytest.approx(1 / 3)  # warm-up ≤ the run
