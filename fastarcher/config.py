@@ -192,6 +192,10 @@ class PPOConfig:
     """Clip of the value update around the iteration's values (PPO2); None = off."""
     normalize_advantage: bool = True
     """Whiten the advantages over the iteration's sampled tokens on each process."""
+    value_model: Literal["separate", "policy"] = "separate"
+    """'separate': a value model of the policy's architecture with a value head, its trunk started from the
+    policy (verl's critic); 'policy': a value head on the policy's own trunk, reading its hidden states
+    without a gradient into it (one process only)."""
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     """How per-token losses become a minibatch loss (verl's loss_agg_mode)."""
 
@@ -445,6 +449,9 @@ class TrainConfig:
             )
         if self.algo == "sft" and self.warm_start.steps == 0:
             raise ValueError("algo 'sft' trains only the warm start: set warm_start.steps > 0")
+        if self.algo == "ppo" and self.ppo.value_model == "policy" and world_size > 1:
+            raise ValueError("ppo.value_model 'policy' is supported on one process only; use ppo.value_model "
+                             "'separate' with torchrun")
         if self.critic.encoder == "policy" and world_size > 1:
             raise ValueError("critic.encoder 'policy' is supported on one process only; use critic.encoder "
                              "'separate' with torchrun")

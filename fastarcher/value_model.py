@@ -49,14 +49,46 @@ class TokenValueModel(nn.Module):
     def forward(self, state_ids: Tensor, state_len: Tensor, action_ids: Tensor, action_len: Tensor, *,
                 pad_id: int) -> Tensor:
         """(B, A) values V(s, a_<h) for h < A (rows right-padded; values past action_len are meaningless)."""
-        width_a = action_ids.shape[1]
-        state = left_align(state_ids, state_len, pad_id)
-        ids = torch.cat([state, action_ids], dim=1)  # (B, S + A)
-        action_mask = torch.arange(width_a, device=ids.device)[None, :] < action_len[:, None]
-        state_mask = torch.arange(state.shape[1], device=ids.device)[None, :] >= (state.shape[1] - state_len)[:, None]
-        attention = torch.cat([state_mask, action_mask], dim=1).long()
-        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        hidden = _trunk(self.lm)(input_ids=ids, attention_mask=attention, position_ids=position_ids,
-                                 use_cache=False).last_hidden_state  # (B, S + A, H)
-        before_token = hidden[:, state.shape[1] - 1: state.shape[1] - 1 + width_a]  # (B, A): predicts token h
-        return self.head(before_token).squeeze(-1).float()
+        hidden = hidden_before_tokens(self.lm, state_ids, state_len, action_ids, action_len, pad_id=pad_id)
+        return self.head(hidden).squeeze(-1).float()
+
+
+def hidden_before_tokens(lm: nn.Module, state_ids: Tensor, state_len: Tensor, action_ids: Tensor, action_len: Tensor,
+                         *, pad_id: int) -> Tensor:
+    """(B, A, H) the trunk's last hidden state at the position that predicts each action token."""
+    width_a = action_ids.shape[1]
+    state = left_align(state_ids, state_len, pad_id)
+    ids = torch.cat([state, action_ids], dim=1)  # (B, S + A)
+    action_mask = torch.arange(width_a, device=ids.device)[None, :] < action_len[:, None]
+    state_mask = torch.arange(state.shape[1], device=ids.device)[None, :] >= (state.shape[1] - state_len)[:, None]
+    attention = torch.cat([state_mask, action_mask], dim=1).long()
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    hidden = _trunk(lm)(input_ids=ids, attention_mask=attention, position_ids=position_ids,
+                        use_cache=False).last_hidden_state  # (B, S + A, H)
+    return hidden[:, state.shape[1] - 1: state.shape[1] - 1 + width_a]  # position S − 1 + h predicts token h
+
+
+class PolicyValueHead(nn.Module):
+    """A linear value head on the policy's own trunk (`--ppo.value-model policy`): reads the policy's last
+    hidden state without a gradient into it (the policy is stepped by its own loss only), so only the head is
+    trained and checkpointed. One process only: the trunk is called outside the policy's FSDP2 root."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self._policy = (policy,)  # not a submodule: its parameters stay out of this module and its state dict
+        param = next(policy.parameters())
+        self.head = nn.Linear(policy.config.hidden_size, 1, dtype=param.dtype, device=param.device)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def blocks(self) -> list[nn.Module]:
+        return []
+
+    def copy_trunk_from(self, policy: nn.Module) -> None:
+        """Nothing to copy: the trunk is the policy's."""
+
+    def forward(self, state_ids: Tensor, state_len: Tensor, action_ids: Tensor, action_len: Tensor, *,
+                pad_id: int) -> Tensor:
+        with torch.no_grad():
+            hidden = hidden_before_tokens(self._policy[0], state_ids, state_len, action_ids, action_len, pad_id=pad_id)
+        return self.head(hidden).squeeze(-1).float()

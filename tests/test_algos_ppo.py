@@ -66,8 +66,9 @@ def test_ppo_config_rules():
         TrainConfig(algo="ppo", ppo=PPOConfig(lam=1.5)).validate()
 
 
-@pytest.mark.parametrize("estimator", ["gae", "bilevel_gae", "archer"])
-def test_ppo_updates_fit_the_value_model_to_a_fixed_batch(tmp_path, monkeypatch, estimator):
+@pytest.mark.parametrize("estimator,value_model", [("gae", "separate"), ("bilevel_gae", "separate"),
+                                                   ("archer", "separate"), ("gae", "policy")])
+def test_ppo_updates_fit_the_value_model_to_a_fixed_batch(tmp_path, monkeypatch, estimator, value_model):
     from dist_helpers import REPO
     from fastarcher.algos.base import IterationBatch
     from fastarcher.dist import DistInfo
@@ -77,12 +78,15 @@ def test_ppo_updates_fit_the_value_model_to_a_fixed_batch(tmp_path, monkeypatch,
 
     monkeypatch.chdir(REPO)
     flags = ("--config configs/tiny_cpu.yaml --algo ppo --rollout.num-envs 4 --eval.episodes 2 --log.no-progress "
-             f"--model.num-layers 1 --ppo.estimator {estimator} --ppo.epochs 2 --optim.critic-lr 1e-2 --archer.batch-size 8").split()
+             f"--model.num-layers 1 --ppo.estimator {estimator} --ppo.value-model {value_model} --ppo.epochs 2 --optim.critic-lr 1e-2 --archer.batch-size 8").split()
     cfg = parse_config([*flags, "--log.run-dir", str(tmp_path / "run")])
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     trainer.algorithm.start(resumed=False)
-    value_lm = trainer.algorithm.value.lm
-    assert all(torch.equal(a, b) for a, b in zip(value_lm.parameters(), trainer.policy.parameters()))
+    if value_model == "separate":  # the trunk starts from the policy
+        value_lm = trainer.algorithm.value.lm
+        assert all(torch.equal(a, b) for a, b in zip(value_lm.parameters(), trainer.policy.parameters()))
+    else:  # the head alone is the value model's state; the policy's trunk is read, never trained by it
+        assert set(trainer.algorithm.value.state_dict()) == {"head.weight", "head.bias"}
     rollout = trainer.play(trainer.runner, trainer.train_seeds(), greedy=False)
     transitions = rollout.transitions(cfg.archer.gamma, trainer.pad_id)
     transitions.reward = torch.ones(len(transitions))  # returns to fit: the rewards still to come
@@ -93,3 +97,20 @@ def test_ppo_updates_fit_the_value_model_to_a_fixed_batch(tmp_path, monkeypatch,
         losses.append(bag.means()["critic/value_loss"])
     assert losses[-1] < 0.5 * losses[0], losses
     trainer.logger.close()
+
+
+def test_policy_value_head_reads_the_policy_without_a_gradient_into_it():
+    from fastarcher.value_model import PolicyValueHead, hidden_before_tokens
+
+    policy, tok = tiny_policy(torch.float64, seed=3, init_std=0.3)
+    head = PolicyValueHead(policy)
+    with torch.no_grad():
+        head.head.weight.fill_(0.1)
+    args = (torch.tensor([[5, 6, 7]]), torch.tensor([3]), torch.tensor([[8, 9]]), torch.tensor([2]))
+    values = head(*args, pad_id=tok.pad_token_id)
+    hidden = hidden_before_tokens(policy, *args, pad_id=tok.pad_token_id)
+    torch.testing.assert_close(values, (0.1 * hidden.sum(-1)).float())
+    values.sum().backward()
+    assert head.head.weight.grad is not None and all(p.grad is None for p in policy.parameters())
+    with pytest.raises(ValueError, match="ppo.value_model 'policy' is supported on one process only"):
+        TrainConfig(algo="ppo", ppo=PPOConfig(value_model="policy")).validate(world_size=2)

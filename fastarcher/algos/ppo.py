@@ -13,7 +13,8 @@ reward`); advantages and returns by the estimator, whitened over the tokens; the
 minibatches of `archer.batch_size` turns, each a clipped policy step (fastarcher/algos/ppo_loss.py) and a
 clipped value step. The value model (fastarcher/value_model.py) is a separate LM of the policy's
 architecture with a linear head (verl's critic), its trunk started from the policy as RL starts, trained
-with `optim.critic_lr`.
+with `optim.critic_lr`; or (`--ppo.value-model policy`, one process) a linear head on the policy's own
+trunk, trained without a gradient into the policy.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from fastarcher.checkpoint import ModelState, OptimizerState
 from fastarcher.dist import all_reduce_max
 from fastarcher.reference import score_rows, score_tokens
 from fastarcher.rollout.collect import sampled_lengths
-from fastarcher.value_model import TokenValueModel
+from fastarcher.value_model import PolicyValueHead, TokenValueModel
 
 
 def estimate(estimator: str, rewards: Tensor, values: Tensor, mask: Tensor, cfg) -> tuple[Tensor, Tensor]:
@@ -67,8 +68,11 @@ class PPO(KLPolicyGradient):
     def __init__(self, ctx):
         super().__init__(ctx)
         cfg = ctx.cfg
-        value = TokenValueModel(ctx.make_policy())
-        self.value = ctx.shard(value, value.blocks())
+        if cfg.ppo.value_model == "policy":  # a head on the policy's trunk (one process: validate)
+            self.value = PolicyValueHead(ctx.actor.policy)
+        else:
+            value = TokenValueModel(ctx.make_policy())
+            self.value = ctx.shard(value, value.blocks())
         self.value.train()
         self.value_opt = torch.optim.AdamW([p for p in self.value.parameters() if p.requires_grad],
                                            lr=cfg.optim.critic_lr, weight_decay=cfg.optim.weight_decay)
