@@ -238,6 +238,8 @@ class Trainer:
         metrics = rollout.stats("rollout")
         metrics["perf/tokens_per_s"] = rollout.generated_tokens / max(t_rollout, 1e-9)
         metrics["count/rollout_engine_forwards"] = float(rollout.engine_calls)
+        if greedy is not None:  # environment episodes a sample-efficiency count must include
+            metrics["count/greedy_episodes"] = float(len(greedy.episodes))
         metrics.update({"time/rollout_s": t_rollout, "time/critic_s": 0.0, "time/actor_s": 0.0, "time/sync_s": 0.0})
         metrics.update(self.algorithm.update(IterationBatch(self.iteration, rollout, transitions, greedy), bag))
         metrics.update(bag.means())

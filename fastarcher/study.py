@@ -1,0 +1,222 @@
+"""Sample-efficiency study: several algorithms × several seeds on one task preset, the same budget of
+environment episodes each; success against episodes (mean and spread over seeds) and episodes to a success
+threshold, as a table and a plot.
+
+    python -m fastarcher.study --preset configs/tiny_cpu.yaml --algos archer grpo --seeds 10 11 12 13 14 \\
+        --episodes 6400 --threshold 0.9 --out docs/results/frozenlake_fixed
+    python -m fastarcher.study ... --flags "grpo: --rollout.group-size 4"    # per-algorithm flags
+    python -m fastarcher.study ... --common="--eval.every 2"                # flags of every run (note the =)
+
+Each run is `python -m fastarcher.train --config PRESET --algo A --seed S --iterations N` (N = episodes /
+rollout.num_envs of that run's config, or under torchrun with --nproc > 1; every run's config is validated
+before the first starts) in OUT/runs/A_sS; a run whose
+metrics.jsonl already reaches N is not run again, a killed one resumes (`--checkpoint.resume auto`).
+Episodes count every environment episode a run plays for training (rollout episodes, dropped ones and
+ReMax's greedy baseline episodes); evaluation episodes are not counted. OUT gets `study.md` (the table,
+the commands), `study.json` (every curve) and `study.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+from fastarcher.train import parse_config
+
+
+
+@dataclass(kw_only=True)
+class StudyConfig:
+    preset: str
+    """The task: a training preset (configs/*.yaml) every run starts from."""
+    algos: tuple[str, ...] = ("archer", "grpo", "reinforce", "filtered_bc")
+    """Algorithms to compare (--algo values)."""
+    seeds: tuple[int, ...] = (10, 11, 12, 13, 14)
+    """Seeds of every algorithm (state which ones tuning used; report others)."""
+    episodes: int = 6400
+    """Environment-episode budget of each run (rounded up to whole iterations)."""
+    threshold: float = 0.9
+    """Greedy-evaluation success rate whose first crossing is reported in episodes."""
+    out: str = "runs/study"
+    """Folder for the runs, the table, the curves and the plot."""
+    flags: tuple[str, ...] = ()
+    """Extra train flags per algorithm, each "ALGO: FLAGS", e.g. "grpo: --rollout.group-size 4"."""
+    common: str = ""
+    """Extra train flags for every run; pass as --common="--eval.every 2" (with =: the value starts with --)."""
+
+    def algo_flags(self) -> dict[str, str]:
+        """`flags` by algorithm; an entry without "ALGO:" or naming an algorithm not in `algos` is an error."""
+        out = {}
+        for entry in self.flags:
+            algo, sep, flags = entry.partition(":")
+            if not sep or algo.strip() not in self.algos:
+                raise ValueError(f"--flags entry {entry!r} must be 'ALGO: FLAGS' with ALGO one of {list(self.algos)}")
+            out[algo.strip()] = " ".join(part for part in (out.get(algo.strip(), ""), flags.strip()) if part)
+        return out
+    nproc: int = 1
+    """Processes per run (torchrun --nproc_per_node); 1 runs plain python."""
+    dry_run: bool = False
+    """Print the commands and summarise whatever runs exist, without running anything."""
+
+
+def episodes_per_row(row: dict) -> float:
+    """Training environment episodes one logged iteration played."""
+    return row.get("count/rollout_episodes", 0.0) + row.get("count/rollout_dropped", 0.0) + \
+        row.get("count/greedy_episodes", 0.0)
+
+
+def success_curve(rows: list[dict]) -> list[tuple[float, float]]:
+    """(episodes played so far, greedy success) at every logged evaluation, iteration order."""
+    curve, played = [], 0.0
+    for row in sorted(rows, key=lambda r: r["iteration"]):
+        if row["iteration"] > 0:
+            played += episodes_per_row(row)
+        if "eval/success_rate" in row:
+            curve.append((played, row["eval/success_rate"]))
+    return curve
+
+
+def episodes_to_threshold(curve: list[tuple[float, float]], threshold: float) -> float | None:
+    """Episodes at the first evaluation with success ≥ threshold (None: never within the budget)."""
+    return next((episodes for episodes, success in curve if success >= threshold), None)
+
+
+def summarize(curves: dict[str, dict[int, list[tuple[float, float]]]], threshold: float) -> list[dict]:
+    """One row per algorithm: episodes to threshold per seed (median, min, max over the seeds that reached
+    it, and how many did) and the final success (mean, std over seeds)."""
+    rows = []
+    for algo, by_seed in curves.items():
+        reach = {seed: episodes_to_threshold(curve, threshold) for seed, curve in by_seed.items()}
+        hit = sorted(v for v in reach.values() if v is not None)
+        finals = [curve[-1][1] for curve in by_seed.values() if curve]
+        rows.append({
+            "algo": algo, "seeds": len(by_seed), "reached": len(hit),
+            "episodes_median": statistics.median(hit) if hit else None,
+            "episodes_min": hit[0] if hit else None, "episodes_max": hit[-1] if hit else None,
+            "final_mean": statistics.fmean(finals) if finals else None,
+            "final_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+            "per_seed": {str(seed): value for seed, value in sorted(reach.items())},
+        })
+    return rows
+
+
+def table(rows: list[dict], threshold: float) -> str:
+    def num(x):
+        return "—" if x is None else f"{x:,.0f}"
+
+    lines = [f"| algorithm | seeds reaching {threshold:g} | episodes to {threshold:g}: median [min, max] | "
+             "final greedy success: mean ± std | per seed |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        final = "—" if r["final_mean"] is None else f"{r['final_mean']:.3f} ± {r['final_std']:.3f}"
+        seeds = ", ".join(f"{s}: {num(v)}" for s, v in r["per_seed"].items())
+        lines.append(f"| `{r['algo']}` | {r['reached']}/{r['seeds']} | {num(r['episodes_median'])} "
+                     f"[{num(r['episodes_min'])}, {num(r['episodes_max'])}] | {final} | {seeds} |")
+    return "\n".join(lines)
+
+
+def plot(curves: dict[str, dict[int, list[tuple[float, float]]]], path: Path, title: str) -> None:
+    """Mean greedy success over seeds against episodes, with the min–max band (seeds share evaluation points
+    when they share the preset; a seed's curve is held at its last value past its end)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for algo, by_seed in curves.items():
+        points = sorted({e for curve in by_seed.values() for e, _ in curve})
+        if not points:
+            continue
+        table_ = [[_value_at(curve, e) for e in points] for curve in by_seed.values() if curve]
+        mean = [statistics.fmean(col) for col in zip(*table_)]
+        ax.plot(points, mean, label=f"{algo} (n={len(table_)})")
+        ax.fill_between(points, [min(c) for c in zip(*table_)], [max(c) for c in zip(*table_)], alpha=0.15)
+    ax.set_xlabel("environment episodes (training)")
+    ax.set_ylabel("greedy success rate")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _value_at(curve: list[tuple[float, float]], episodes: float) -> float:
+    value = curve[0][1]
+    for e, v in curve:
+        if e > episodes:
+            break
+        value = v
+    return value
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_command(cfg: StudyConfig, algo: str, seed: int, iterations: int, run_dir: Path) -> list[str]:
+    launcher = [sys.executable, "-m"] if cfg.nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}", "-m"]
+    return [*launcher, "fastarcher.train", "--config", cfg.preset, "--algo", algo, "--seed", str(seed),
+            "--iterations", str(iterations), "--log.run-dir", str(run_dir), "--checkpoint.resume", "auto",
+            "--log.no-progress", *shlex.split(cfg.common), *shlex.split(cfg.algo_flags().get(algo, ""))]
+
+
+def run_study(cfg: StudyConfig) -> list[dict]:
+    if cfg.episodes <= 0 or not 0 < cfg.threshold <= 1 or not cfg.seeds:
+        raise ValueError("--episodes must be positive, --threshold in (0, 1], --seeds not empty")
+    flags = cfg.algo_flags()
+    iterations_of = {}
+    for algo in cfg.algos:  # every run's config is parsed and validated before any run starts
+        train_cfg = parse_config(["--config", cfg.preset, "--algo", algo, *shlex.split(cfg.common),
+                                  *shlex.split(flags.get(algo, ""))])
+        train_cfg.validate(world_size=cfg.nproc)
+        iterations_of[algo] = math.ceil(cfg.episodes / train_cfg.rollout.num_envs)
+    out = Path(cfg.out)
+    curves: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    commands = []
+    for algo in cfg.algos:
+        for seed in cfg.seeds:
+            run_dir = out / "runs" / f"{algo}_s{seed}"
+            command = train_command(cfg, algo, seed, iterations_of[algo], run_dir)
+            commands.append(shlex.join(command))
+            done = any(r["iteration"] >= iterations_of[algo] for r in read_rows(run_dir))
+            if not done and not cfg.dry_run:
+                print(f"study: {algo} seed {seed}: {shlex.join(command)}", flush=True)
+                subprocess.run(command, check=True)
+            curves.setdefault(algo, {})[seed] = success_curve(read_rows(run_dir))
+    rows = summarize(curves, cfg.threshold)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{Path(cfg.preset).stem}: {cfg.episodes:,} episodes per run"
+    (out / "study.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "iterations": iterations_of,
+                                                "rows": rows, "curves": curves}, indent=1))
+    (out / "study.md").write_text(f"# {title}\n\n{table(rows, cfg.threshold)}\n\nCommands:\n\n```\n"
+                                  + "\n".join(commands) + "\n```\n")
+    plot(curves, out / "study.png", title)
+    print(table(rows, cfg.threshold))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = tyro.cli(StudyConfig, args=argv)
+    try:
+        run_study(cfg)
+    except (ValueError, subprocess.CalledProcessError) as error:
+        print(f"study: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Sample-efficiency study (fastarcher/study.py): episode counting, episodes to a threshold, the summary over
+seeds by hand; and (slow) a small study end to end through the CLI."""
+import json
+
+import pytest
+
+from fastarcher.study import episodes_to_threshold, success_curve, summarize, table
+
+
+def _row(iteration, success=None, episodes=4, dropped=0, greedy=None):
+    row = {"iteration": iteration, "count/rollout_episodes": episodes, "count/rollout_dropped": dropped}
+    if greedy is not None:
+        row["count/greedy_episodes"] = greedy
+    if success is not None:
+        row["eval/success_rate"] = success
+    return row
+
+
+def test_success_curve_counts_training_episodes_greedy_baselines_included():
+    rows = [_row(0, 0.0, episodes=0), _row(2, None, dropped=1, greedy=2), _row(1, None), _row(3, 0.5), _row(4, 1.0)]
+    # iteration 0 is the evaluation before training; 1: 4 episodes; 2: 4 + 1 dropped + 2 greedy; 3, 4: 4 each
+    assert success_curve(rows) == [(0.0, 0.0), (15.0, 0.5), (19.0, 1.0)]
+    assert episodes_to_threshold(success_curve(rows), 0.5) == 15.0
+    assert episodes_to_threshold(success_curve(rows), 1.0) == 19.0
+    assert episodes_to_threshold(success_curve(rows)[:2], 0.9) is None
+
+
+def test_per_algorithm_flags_are_parsed_and_checked():
+    from fastarcher.study import StudyConfig
+
+    cfg = StudyConfig(preset="p", algos=("archer", "grpo"), flags=("grpo: --rollout.group-size 4", "grpo: --seed 1"))
+    assert cfg.algo_flags() == {"grpo": "--rollout.group-size 4 --seed 1"}
+    for bad in ("ppo: --x 1", "--rollout.group-size 4"):
+        with pytest.raises(ValueError, match="must be 'ALGO: FLAGS'"):
+            StudyConfig(preset="p", algos=("archer", "grpo"), flags=(bad,)).algo_flags()
+
+
+def test_summary_over_seeds_by_hand():
+    curves = {"a": {1: [(0, 0.0), (10, 0.95)], 2: [(0, 0.0), (10, 0.5), (20, 0.9)], 3: [(0, 0.2), (30, 0.4)]},
+              "b": {1: [(0, 1.0)]}}
+    rows = summarize(curves, 0.9)
+    a, b = rows
+    assert (a["reached"], a["episodes_median"], a["episodes_min"], a["episodes_max"]) == (2, 15.0, 10, 20)
+    assert a["final_mean"] == pytest.approx((0.95 + 0.9 + 0.4) / 3)
+    assert a["per_seed"] == {"1": 10, "2": 20, "3": None}
+    assert (b["reached"], b["episodes_median"], b["final_std"]) == (1, 0, 0.0)
+    text = table(rows, 0.9)
+    assert "| `a` | 2/3 | 15 [10, 20] |" in text and "3: —" in text
+
+
+@pytest.mark.slow
+def test_a_small_study_runs_summarises_and_resumes(tmp_path):
+    from dist_helpers import REPO, describe, run_python
+
+    out = tmp_path / "study"
+    common = ("--device cpu --rollout.num-envs 4 --eval.episodes 2 --eval.every 1 --eval.no-random-baseline "
+              "--archer.batch-size 4 --archer.critic-epochs 1 --archer.warmup-iterations 1 --model.num-layers 1 "
+              "--critic.num-layers 1 --checkpoint.no-export-hf")
+    args = ["-m", "fastarcher.study", "--preset", "configs/tiny_cpu.yaml", "--algos", "archer", "grpo",
+            "--seeds", "3", "4", "--episodes", "8", "--threshold", "0.5", "--out", str(out), f"--common={common}",
+            "--flags", "grpo: --rollout.group-size 2"]
+    proc = run_python(args, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, describe(proc)
+    result = json.loads((out / "study.json").read_text())
+    assert result["iterations"] == {"archer": 2, "grpo": 2} and [r["algo"] for r in result["rows"]] == ["archer", "grpo"]
+    for algo in ("archer", "grpo"):
+        for seed in ("3", "4"):
+            curve = result["curves"][algo][seed]
+            assert [e for e, _ in curve] == [0.0, 4.0, 8.0]  # evaluations before training and after each iteration
+    assert (out / "study.png").stat().st_size > 0 and "episodes to 0.5" in (out / "study.md").read_text()
+    again = run_python(args, cwd=REPO, timeout=120)  # every run is complete: nothing runs again
+    assert again.returncode == 0 and "study: archer seed" not in again.stdout
