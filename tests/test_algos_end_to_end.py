@@ -83,7 +83,9 @@ def test_kl_and_schedule_variants_resume_bit_exactly_under_torchrun(tmp_path, va
     without_eval = [{k: v for k, v in row.items() if not k.startswith("eval/")} for row in resumed]
     assert without_eval[:3] == [{k: v for k, v in row.items() if not k.startswith("eval/")} for row in straight[:3]]
     assert resumed[3] == straight[3]
-    if "reward" in flags:  # scored before the iteration's steps: π = π_ref at the first, not at the last
-        assert straight[1]["kl/value"] == 0.0 and straight[3]["kl/value"] > 0.0
+    if "reward" in flags:  # scored before the iteration's steps: π = π_ref at the first (up to the sharded
+        # forward's rounding), not at the last
+        first, last = straight[1]["kl/value"], straight[3]["kl/value"]
+        assert abs(first) < 1e-7 and abs(last) > 1e3 * abs(first) and abs(last) > 1e-6, (first, last)
     if "cosine" in flags:  # cosine over 3 iterations with 1 of warm-up: 1, 1, then ½(1 + cos π/2)
         assert [r["optim/lr_scale"] for r in straight[1:]] == pytest.approx([1.0, 1.0, 0.5])
