@@ -143,9 +143,9 @@ def test_torchrun_restart_after_sigkill_resumes_bit_identically(tmp_path):
                           env={**_env(), "RUN_DIR": str(crashed)}, timeout=600)
     report = done.stdout + done.stderr
     assert done.returncode == 0, report + Path(f"{crashed}.log").read_text()[-5000:]
-    # torchrun names the first worker failure it sees: the killed one (exitcode -9), or, when the survivor's
-    # collective fails first on a loaded machine, that one; the restart and the resume are what must happen
-    assert "sending SIGKILL" in report and any(m in report for m in ("exitcode: -9", "Signal 9", "exitcode: 1"))
+    # how torchrun words the worker's death varies (a fresh CI run once logged no "exitcode: -9" line); that
+    # the group restarted is shown by the resume from the checkpoint written before the kill
+    assert "sending SIGKILL" in report
     assert f"resumed from {crashed}/checkpoints/iter_000003" in report
     assert_identical(checkpoint_tensors(straight / "checkpoints" / "iter_000006"),
                      checkpoint_tensors(crashed / "checkpoints" / "iter_000006"))
