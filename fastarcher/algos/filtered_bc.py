@@ -9,7 +9,6 @@ class below is what the training loop runs (fastarcher/algos/base.py).
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -17,8 +16,7 @@ from torch import Tensor
 
 from fastarcher.algos.base import AlgorithmBase
 from fastarcher.algos.elite import TopTrajectories, filter_top_fraction
-from fastarcher.algos.on_policy import on_policy_update, policy_step, turn_weights
-from fastarcher.dist import all_reduce_max
+from fastarcher.algos.on_policy import on_policy_update, policy_step, steps_on_every_rank, turn_weights
 
 
 def bc_loss(*, logprob_sum: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -70,7 +68,7 @@ class FilteredBC(AlgorithmBase):
         episode_of_row = torch.repeat_interleave(torch.arange(len(turns)), torch.tensor(turns, dtype=torch.long))
         self.store.add(batch.transitions, episode_of_row, returns.double())
         b = ctx.cfg.archer.batch_size
-        steps = int(all_reduce_max(torch.tensor([math.ceil(len(batch.transitions) / b)], dtype=torch.long))[0])
+        steps = steps_on_every_rank(len(batch.transitions), b)
         t0 = time.perf_counter()
         for _ in range(steps):  # every rank steps as often as the busiest (a sharded step is a collective)
             if len(self.store):

@@ -107,14 +107,22 @@ def policy_step(ctx, transitions: TransitionBatch, rows: Tensor, weights: Tensor
                                                          loss=loss)})
 
 
+def steps_on_every_rank(n: int, batch: int) -> int:
+    """ceil(n / batch) of the rank with the most rows: a sharded forward is a collective, so every rank
+    takes that many minibatches (a rank with fewer rows cycles through its own)."""
+    return int(all_reduce_max(torch.tensor([math.ceil(n / batch)], dtype=torch.long))[0])
+
+
 def weighted_updates(ctx, transitions: TransitionBatch, weights: Tensor, bag: MetricBag, loss_fn: LossFn, *,
-                     epochs: int, iteration: int, kl=None, old_logprob: Tensor | None = None) -> None:
+                     epochs: int, iteration: int, kl=None, old_logprob: Tensor | None = None,
+                     after_step: Callable[[Tensor], None] | None = None) -> None:
     """`epochs` passes over the transitions in shuffled minibatches of archer.batch_size rows (minibatch
     order from this rank's cpu_gen); every rank takes the same number of optimizer steps (the most any
-    rank needs; a rank with fewer rows cycles through its own)."""
+    rank needs; a rank with fewer rows cycles through its own). `after_step(rows)` runs after each policy
+    step on the same rows (PPO's value step)."""
     b = ctx.cfg.archer.batch_size
     n = len(transitions)
-    steps = int(all_reduce_max(torch.tensor([math.ceil(n / b)], dtype=torch.long))[0])
+    steps = steps_on_every_rank(n, b)
     for _ in range(epochs):
         order = torch.randperm(max(n, 1), generator=ctx.streams.cpu_gen)
         for step in range(steps):
@@ -122,6 +130,8 @@ def weighted_updates(ctx, transitions: TransitionBatch, weights: Tensor, bag: Me
             policy_step(ctx, transitions, rows, weights, bag, loss_fn, ctx.actor.optimizer,
                         ctx.cfg.optim.actor_grad_clip, sampled=True, iteration=iteration, kl=kl,
                         old_logprob=old_logprob)
+            if after_step is not None:
+                after_step(rows)
 
 
 def on_policy_update(ctx, batch, bag: MetricBag, weights: Tensor, loss_fn: LossFn, *, epochs: int,

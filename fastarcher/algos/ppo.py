@@ -19,7 +19,6 @@ trunk, trained without a gradient into the policy.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -27,12 +26,11 @@ from torch import Tensor
 
 from fastarcher.algos.estimators import archer_token_advantages, bilevel_gae, gae
 from fastarcher.algos.kl_control import KLPolicyGradient
-from fastarcher.algos.on_policy import policy_step
+from fastarcher.algos.on_policy import weighted_updates
 from fastarcher.algos.ppo_loss import ppo_policy_loss, value_loss
 from fastarcher.algos.reinforce_pp import token_rewards
 from fastarcher.algos.token_view import pack, unpack
 from fastarcher.checkpoint import ModelState, OptimizerState
-from fastarcher.dist import all_reduce_max
 from fastarcher.reference import score_rows, score_tokens
 from fastarcher.rollout.collect import sampled_lengths
 from fastarcher.value_model import PolicyValueHead, TokenValueModel
@@ -113,17 +111,10 @@ class PPO(KLPolicyGradient):
             advantage = whiten(advantage, scored)
         bag.add({"critic/value_mean": (old_values.sum() / scored.sum().clamp(min=1)),
                  "critic/return_mean": (returns.sum() / scored.sum().clamp(min=1))})
-        loss_fn = self._policy_loss
-        b, n = cfg.archer.batch_size, len(transitions)
-        steps = int(all_reduce_max(torch.tensor([math.ceil(n / b)], dtype=torch.long))[0])
-        for _ in range(p.epochs):
-            order = torch.randperm(max(n, 1), generator=ctx.streams.cpu_gen)
-            for step in range(steps):
-                rows = order[torch.arange(step * b, (step + 1) * b) % max(n, 1)]
-                policy_step(ctx, transitions, rows, advantage, bag, loss_fn, actor.optimizer, cfg.optim.actor_grad_clip,
-                            sampled=True, iteration=batch.iteration, kl=self.kl if self.kl.in_loss else None,
-                            old_logprob=old_logprob)
-                self.value_step(transitions, rows, returns, old_values, bag, batch.iteration)
+        weighted_updates(ctx, transitions, advantage, bag, self._policy_loss, epochs=p.epochs, iteration=batch.iteration,
+                         kl=self.kl if self.kl.in_loss else None, old_logprob=old_logprob,
+                         after_step=lambda rows: self.value_step(transitions, rows, returns, old_values, bag,
+                                                                 batch.iteration))
         sync_s = actor.sync_engine()
         return {"time/actor_s": time.perf_counter() - t0 - sync_s, "time/sync_s": sync_s,
                 **self.kl.end_iteration(cfg.rollout.num_envs)}
