@@ -18,9 +18,11 @@ the commands), `study.json` (every curve) and `study.png`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
@@ -64,6 +66,9 @@ class StudyConfig:
         return out
     nproc: int = 1
     """Processes per run (torchrun --nproc_per_node); 1 runs plain python."""
+    jobs: int = 1
+    """Runs at once; each gets OMP_NUM_THREADS = cores // jobs (unless set) and writes its output to
+    RUN_DIR/train.log when jobs > 1. Runs are independent, so the results do not depend on it."""
     dry_run: bool = False
     """Print the commands and summarise whatever runs exist, without running anything."""
 
@@ -174,9 +179,37 @@ def train_command(cfg: StudyConfig, algo: str, seed: int, iterations: int, run_d
             "--log.no-progress", *shlex.split(cfg.common), *shlex.split(cfg.algo_flags().get(algo, ""))]
 
 
+def run_all(pending: list[tuple[str, list[str], Path]], jobs: int) -> None:
+    """Run the commands, `jobs` at a time; the first failure stops the rest (runs already started finish)."""
+    env = dict(os.environ)
+    if jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+
+    def one(name: str, command: list[str], run_dir: Path) -> None:
+        print(f"study: {name}: {shlex.join(command)}", flush=True)
+        if jobs == 1:
+            subprocess.run(command, check=True, env=env)
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "train.log", "a") as log:
+            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, command,
+                                                output=f"{name} failed; its output is in {run_dir / 'train.log'}")
+        print(f"study: {name}: done", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(one, *item) for item in pending]
+        for future in concurrent.futures.as_completed(futures):
+            if future.exception() is not None:
+                for other in futures:
+                    other.cancel()
+                raise future.exception()
+
+
 def run_study(cfg: StudyConfig) -> list[dict]:
-    if cfg.episodes <= 0 or not 0 < cfg.threshold <= 1 or not cfg.seeds:
-        raise ValueError("--episodes must be positive, --threshold in (0, 1], --seeds not empty")
+    if cfg.episodes <= 0 or not 0 < cfg.threshold <= 1 or not cfg.seeds or cfg.jobs < 1:
+        raise ValueError("--episodes must be positive, --threshold in (0, 1], --seeds not empty, --jobs ≥ 1")
     flags = cfg.algo_flags()
     iterations_of = {}
     for algo in cfg.algos:  # every run's config is parsed and validated before any run starts
@@ -185,18 +218,19 @@ def run_study(cfg: StudyConfig) -> list[dict]:
         train_cfg.validate(world_size=cfg.nproc)
         iterations_of[algo] = math.ceil(cfg.episodes / train_cfg.rollout.num_envs)
     out = Path(cfg.out)
-    curves: dict[str, dict[int, list[tuple[float, float]]]] = {}
-    commands = []
+    commands, pending = [], []
     for algo in cfg.algos:
         for seed in cfg.seeds:
             run_dir = out / "runs" / f"{algo}_s{seed}"
             command = train_command(cfg, algo, seed, iterations_of[algo], run_dir)
             commands.append(shlex.join(command))
-            done = any(r["iteration"] >= iterations_of[algo] for r in read_rows(run_dir))
-            if not done and not cfg.dry_run:
-                print(f"study: {algo} seed {seed}: {shlex.join(command)}", flush=True)
-                subprocess.run(command, check=True)
-            curves.setdefault(algo, {})[seed] = success_curve(read_rows(run_dir))
+            if not any(r["iteration"] >= iterations_of[algo] for r in read_rows(run_dir)):
+                pending.append((f"{algo} seed {seed}", command, run_dir))
+    if not cfg.dry_run:
+        run_all(pending, cfg.jobs)
+    curves: dict[str, dict[int, list[tuple[float, float]]]] = {
+        algo: {seed: success_curve(read_rows(out / "runs" / f"{algo}_s{seed}")) for seed in cfg.seeds}
+        for algo in cfg.algos}
     rows = summarize(curves, cfg.threshold)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{Path(cfg.preset).stem}: {cfg.episodes:,} episodes per run"
@@ -214,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_study(cfg)
     except (ValueError, subprocess.CalledProcessError) as error:
-        print(f"study: {error}", file=sys.stderr)
+        print(f"study: {error}" + (f" ({error.output})" if getattr(error, "output", None) else ""), file=sys.stderr)
         sys.exit(1)
 
 

@@ -48,6 +48,34 @@ def test_summary_over_seeds_by_hand():
     assert "| `a` | 2/3 | 15 [10, 20] |" in text and "3: —" in text
 
 
+def test_runs_go_jobs_at_a_time_with_a_log_each_and_a_failure_stops_the_study(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from fastarcher.study import run_all
+
+    def sleeper(name):  # records its start and end times, so overlap can be checked
+        code = f"import time; print('start', time.time()); time.sleep(0.5); print('end', time.time())"
+        return (name, [sys.executable, "-c", code], tmp_path / name)
+
+    run_all([sleeper("a"), sleeper("b"), sleeper("c")], jobs=2)
+    spans = {}
+    for name in "abc":
+        words = (tmp_path / name / "train.log").read_text().split()
+        spans[name] = (float(words[1]), float(words[3]))
+    starts = sorted(spans.values())
+    assert starts[1][0] < starts[0][1]  # the first two overlap
+    assert starts[2][0] >= min(end for _, end in starts[:2]) - 1e-3  # the third waits for a free slot
+
+    failing = ("bad", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "bad")
+    start = time.time()
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        run_all([failing], jobs=2)
+    assert info.value.returncode == 3 and "bad" in info.value.output and time.time() - start < 30
+    assert "boom" in (tmp_path / "bad" / "train.log").read_text()
+
+
 @pytest.mark.slow
 def test_a_small_study_runs_summarises_and_resumes(tmp_path):
     from dist_helpers import REPO, describe, run_python
@@ -58,7 +86,7 @@ def test_a_small_study_runs_summarises_and_resumes(tmp_path):
               "--critic.num-layers 1 --checkpoint.no-export-hf")
     args = ["-m", "fastarcher.study", "--preset", "configs/tiny_cpu.yaml", "--algos", "archer", "grpo",
             "--seeds", "3", "4", "--episodes", "8", "--threshold", "0.5", "--out", str(out), f"--common={common}",
-            "--flags", "grpo: --rollout.group-size 2"]
+            "--flags", "grpo: --rollout.group-size 2", "--jobs", "2"]
     proc = run_python(args, cwd=REPO, timeout=600)
     assert proc.returncode == 0, describe(proc)
     result = json.loads((out / "study.json").read_text())
@@ -67,6 +95,7 @@ def test_a_small_study_runs_summarises_and_resumes(tmp_path):
         for seed in ("3", "4"):
             curve = result["curves"][algo][seed]
             assert [e for e, _ in curve] == [0.0, 4.0, 8.0]  # evaluations before training and after each iteration
+    assert "evaluation" in (out / "runs" / "grpo_s4" / "train.log").read_text().lower()  # jobs > 1: a log per run
     assert (out / "study.png").stat().st_size > 0 and "episodes to 0.5" in (out / "study.md").read_text()
     again = run_python(args, cwd=REPO, timeout=120)  # every run is complete: nothing runs again
     assert again.returncode == 0 and "study: archer seed" not in again.stdout
