@@ -19,11 +19,13 @@ the commands), `study.json` (every curve) and `study.png`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -66,6 +68,10 @@ class StudyConfig:
         return out
     nproc: int = 1
     """Processes per run (torchrun --nproc_per_node); 1 runs plain python."""
+    stop_after: int = 0
+    """End a run once this many consecutive evaluations reach the threshold (0: every run plays the whole
+    budget). Saves the compute past the crossing; the run's curve is held at its last evaluation, and
+    RUN_DIR/study_stop.json records the stop so a rerun of the study does not resume it."""
     jobs: int = 1
     """Runs at once; each gets OMP_NUM_THREADS = cores // jobs (unless set) and writes its output to
     RUN_DIR/train.log when jobs > 1. Runs are independent, so the results do not depend on it."""
@@ -164,11 +170,20 @@ def _value_at(curve: list[tuple[float, float]], episodes: float) -> float:
     return value
 
 
-def read_rows(run_dir: Path) -> list[dict]:
+def read_rows(run_dir: Path, partial_ok: bool = False) -> list[dict]:
+    """metrics.jsonl's rows; `partial_ok`: a run is writing it, so a last line cut mid-write is skipped."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for k, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not (partial_ok and k == len(lines) - 1):
+                raise
+    return rows
 
 
 def train_command(cfg: StudyConfig, algo: str, seed: int, iterations: int, run_dir: Path) -> list[str]:
@@ -179,24 +194,40 @@ def train_command(cfg: StudyConfig, algo: str, seed: int, iterations: int, run_d
             "--log.no-progress", *shlex.split(cfg.common), *shlex.split(cfg.algo_flags().get(algo, ""))]
 
 
-def run_all(pending: list[tuple[str, list[str], Path]], jobs: int) -> None:
-    """Run the commands, `jobs` at a time; the first failure stops the rest (runs already started finish)."""
+STOP_FILE = "study_stop.json"
+
+
+def held_threshold(rows: list[dict], threshold: float, count: int) -> bool:
+    """The last `count` evaluations (at least `count` after the one before training) all reach `threshold`."""
+    successes = [success for _, success in success_curve(rows)][1:]
+    return count > 0 and len(successes) >= count and all(v >= threshold for v in successes[-count:])
+
+
+def run_all(pending: list[tuple[str, list[str], Path]], jobs: int, stop=None, poll_s: float = 5.0) -> None:
+    """Run the commands, `jobs` at a time; the first failure stops the rest (runs already started finish).
+    `stop(rows)`, polled every `poll_s` seconds on the run's metrics, ends a run early (SIGTERM) when true."""
     env = dict(os.environ)
     if jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
 
     def one(name: str, command: list[str], run_dir: Path) -> None:
         print(f"study: {name}: {shlex.join(command)}", flush=True)
-        if jobs == 1:
-            subprocess.run(command, check=True, env=env)
-            return
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "train.log", "a") as log:
-            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, command,
-                                                output=f"{name} failed; its output is in {run_dir / 'train.log'}")
-        print(f"study: {name}: done", flush=True)
+        with open(run_dir / "train.log", "a") if jobs > 1 else contextlib.nullcontext() as log:
+            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+            stopped = False
+            while proc.poll() is None:
+                try:
+                    proc.wait(timeout=poll_s)
+                except subprocess.TimeoutExpired:
+                    if not stopped and stop is not None and stop(read_rows(run_dir, partial_ok=True)):
+                        stopped = True  # SIGTERM: the trainer saves a checkpoint and exits
+                        (run_dir / STOP_FILE).write_text(json.dumps({"reason": "threshold held"}))
+                        proc.send_signal(signal.SIGTERM)
+        if proc.returncode != 0 and not stopped:
+            where = f"; its output is in {run_dir / 'train.log'}" if jobs > 1 else ""
+            raise subprocess.CalledProcessError(proc.returncode, command, output=f"{name} failed{where}")
+        print(f"study: {name}: {'stopped at the threshold' if stopped else 'done'}", flush=True)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [pool.submit(one, *item) for item in pending]
@@ -208,8 +239,9 @@ def run_all(pending: list[tuple[str, list[str], Path]], jobs: int) -> None:
 
 
 def run_study(cfg: StudyConfig) -> list[dict]:
-    if cfg.episodes <= 0 or not 0 < cfg.threshold <= 1 or not cfg.seeds or cfg.jobs < 1:
-        raise ValueError("--episodes must be positive, --threshold in (0, 1], --seeds not empty, --jobs ≥ 1")
+    if cfg.episodes <= 0 or not 0 < cfg.threshold <= 1 or not cfg.seeds or cfg.jobs < 1 or cfg.stop_after < 0:
+        raise ValueError("--episodes must be positive, --threshold in (0, 1], --seeds not empty, --jobs ≥ 1, "
+                         "--stop-after ≥ 0")
     flags = cfg.algo_flags()
     iterations_of = {}
     for algo in cfg.algos:  # every run's config is parsed and validated before any run starts
@@ -224,10 +256,12 @@ def run_study(cfg: StudyConfig) -> list[dict]:
             run_dir = out / "runs" / f"{algo}_s{seed}"
             command = train_command(cfg, algo, seed, iterations_of[algo], run_dir)
             commands.append(shlex.join(command))
-            if not any(r["iteration"] >= iterations_of[algo] for r in read_rows(run_dir)):
+            complete = any(r["iteration"] >= iterations_of[algo] for r in read_rows(run_dir))
+            if not complete and not (run_dir / STOP_FILE).is_file():
                 pending.append((f"{algo} seed {seed}", command, run_dir))
     if not cfg.dry_run:
-        run_all(pending, cfg.jobs)
+        stop = (lambda rows: held_threshold(rows, cfg.threshold, cfg.stop_after)) if cfg.stop_after else None
+        run_all(pending, cfg.jobs, stop)
     curves: dict[str, dict[int, list[tuple[float, float]]]] = {
         algo: {seed: success_curve(read_rows(out / "runs" / f"{algo}_s{seed}")) for seed in cfg.seeds}
         for algo in cfg.algos}
@@ -236,7 +270,12 @@ def run_study(cfg: StudyConfig) -> list[dict]:
     title = f"{Path(cfg.preset).stem}: {cfg.episodes:,} episodes per run"
     (out / "study.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "iterations": iterations_of,
                                                 "rows": rows, "curves": curves}, indent=1))
-    (out / "study.md").write_text(f"# {title}\n\n{table(rows, cfg.threshold)}\n\nCommands:\n\n```\n"
+    stopped = [f"{algo}_s{seed}" for algo in cfg.algos for seed in cfg.seeds
+               if (out / "runs" / f"{algo}_s{seed}" / STOP_FILE).is_file()]
+    note = (f"\n\nRuns ended once {cfg.stop_after} consecutive evaluations reached {cfg.threshold:g} "
+            f"(`--stop-after {cfg.stop_after}`; their final success is the one at the stop): "
+            f"{', '.join(stopped) or 'none'}." if cfg.stop_after else "")
+    (out / "study.md").write_text(f"# {title}\n\n{table(rows, cfg.threshold)}{note}\n\nCommands:\n\n```\n"
                                   + "\n".join(commands) + "\n```\n")
     plot(curves, out / "study.png", title)
     print(table(rows, cfg.threshold))

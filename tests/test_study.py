@@ -76,6 +76,59 @@ def test_runs_go_jobs_at_a_time_with_a_log_each_and_a_failure_stops_the_study(tm
     assert "boom" in (tmp_path / "bad" / "train.log").read_text()
 
 
+def test_held_threshold_counts_the_last_evaluations_after_the_start_by_hand():
+    from fastarcher.study import held_threshold
+
+    rows = [_row(0, 1.0, episodes=0), _row(1, 0.95), _row(2, 0.5), _row(3, 0.9), _row(4, None), _row(5, 1.0)]
+    assert held_threshold(rows, 0.9, 2)  # evaluations after the start: 0.95, 0.5, 0.9, 1.0
+    assert not held_threshold(rows, 0.9, 3)  # 0.5 is among the last three
+    assert not held_threshold(rows[:2], 0.9, 2)  # one evaluation after the start: not enough
+    assert not held_threshold(rows[:1], 0.5, 1)  # the evaluation before training never counts
+    assert not held_threshold(rows, 0.9, 0)
+
+
+def test_a_run_is_stopped_with_sigterm_once_the_predicate_holds_and_partial_lines_are_skipped(tmp_path):
+    import sys
+    import time
+
+    from fastarcher.study import STOP_FILE, read_rows, run_all
+
+    run_dir = tmp_path / "run"
+    # writes one metrics row per 0.1 s, success rising; a cut last line first; exits 0 on SIGTERM after a mark
+    code = f"""
+import json, signal, sys, time, pathlib
+path = pathlib.Path({str(run_dir)!r}) / "metrics.jsonl"
+path.write_text('{{"iteration": 0, "eval/success_rate": 0.0}}\\n{{"iterat')
+def bye(*_):
+    print("got SIGTERM", flush=True); sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+time.sleep(0.3)
+path.write_text('{{"iteration": 0, "eval/success_rate": 0.0}}\\n')
+for it in range(1, 600):
+    with path.open("a") as f:
+        f.write(json.dumps({{"iteration": it, "count/rollout_episodes": 4, "eval/success_rate": min(1.0, it / 10)}}) + "\\n")
+    time.sleep(0.1)
+"""
+    run_dir.mkdir()
+    seen = []
+
+    def stop(rows):
+        seen.append(len(rows))
+        return bool(rows) and rows[-1].get("eval/success_rate", 0) >= 1.0
+
+    start = time.time()
+    run_all([("r", [sys.executable, "-c", code], run_dir)], jobs=2, stop=stop, poll_s=0.05)
+    assert time.time() - start < 20  # ended well before its 60 s
+    rows = read_rows(run_dir)
+    assert 10 <= rows[-1]["iteration"] < 100 and (run_dir / STOP_FILE).is_file()
+    assert "got SIGTERM" in (run_dir / "train.log").read_text()
+    assert 1 in seen  # polls while the cut line was there read the whole row before it
+    with pytest.raises(json.JSONDecodeError):  # outside a running run, a cut line is an error
+        (tmp_path / "cut").mkdir()
+        (tmp_path / "cut" / "metrics.jsonl").write_text('{"iteration": 0}\n{"iter')
+        read_rows(tmp_path / "cut")
+
+
 @pytest.mark.slow
 def test_a_small_study_runs_summarises_and_resumes(tmp_path):
     from dist_helpers import REPO, describe, run_python
