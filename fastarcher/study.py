@@ -238,7 +238,7 @@ def run_all(pending: list[tuple[str, list[str], Path]], jobs: int, stop=None, po
                 raise future.exception()
 
 
-def run_study(cfg: StudyConfig) -> list[dict]:
+def run_study(cfg: StudyConfig, argv: list[str] | None = None) -> list[dict]:
     if cfg.episodes <= 0 or not 0 < cfg.threshold <= 1 or not cfg.seeds or cfg.jobs < 1 or cfg.stop_after < 0:
         raise ValueError("--episodes must be positive, --threshold in (0, 1], --seeds not empty, --jobs ≥ 1, "
                          "--stop-after ≥ 0")
@@ -273,9 +273,11 @@ def run_study(cfg: StudyConfig) -> list[dict]:
     stopped = [f"{algo}_s{seed}" for algo in cfg.algos for seed in cfg.seeds
                if (out / "runs" / f"{algo}_s{seed}" / STOP_FILE).is_file()]
     note = (f"\n\nRuns ended once {cfg.stop_after} consecutive evaluations reached {cfg.threshold:g} "
-            f"(`--stop-after {cfg.stop_after}`; their final success is the one at the stop): "
+            f"(`--stop-after {cfg.stop_after}`; their final success is their last logged evaluation, which can "
+            f"come a few iterations after the stop signal): "
             f"{', '.join(stopped) or 'none'}." if cfg.stop_after else "")
-    (out / "study.md").write_text(f"# {title}\n\n{table(rows, cfg.threshold)}{note}\n\nCommands:\n\n```\n"
+    study = f"\n\nThe study: `{shlex.join(['python', '-m', 'fastarcher.study', *argv])}`" if argv is not None else ""
+    (out / "study.md").write_text(f"# {title}\n\n{table(rows, cfg.threshold)}{note}{study}\n\nCommands:\n\n```\n"
                                   + "\n".join(commands) + "\n```\n")
     plot(curves, out / "study.png", title)
     print(table(rows, cfg.threshold))
@@ -285,7 +287,7 @@ def run_study(cfg: StudyConfig) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     cfg = tyro.cli(StudyConfig, args=argv)
     try:
-        run_study(cfg)
+        run_study(cfg, sys.argv[1:] if argv is None else argv)
     except (ValueError, subprocess.CalledProcessError) as error:
         print(f"study: {error}" + (f" ({error.output})" if getattr(error, "output", None) else ""), file=sys.stderr)
         sys.exit(1)
