@@ -3,9 +3,11 @@ environment episodes each; success against episodes (mean and spread over seeds)
 threshold, as a table and a plot.
 
     python -m fastarcher.study --preset configs/tiny_cpu.yaml --algos archer grpo --seeds 10 11 12 13 14 \\
-        --episodes 6400 --threshold 0.9 --out docs/results/frozenlake_fixed
+        --episodes 6400 --threshold 0.9 --out runs/study_frozenlake    # then copy study.* to docs/results/
     python -m fastarcher.study ... --flags "grpo: --rollout.group-size 4"    # per-algorithm flags
     python -m fastarcher.study ... --common="--eval.every 2"                # flags of every run (note the =)
+    python -m fastarcher.study ... --jobs 2 --stop-after 3    # 2 runs at once; end a run once 3 evaluations
+                                                              # in a row reach the threshold
 
 Each run is `python -m fastarcher.train --config PRESET --algo A --seed S --iterations N` (N = episodes /
 rollout.num_envs of that run's config, or under torchrun with --nproc > 1; every run's config is validated
