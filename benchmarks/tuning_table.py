@@ -10,7 +10,7 @@ import json
 import shlex
 from pathlib import Path
 
-from fastarcher.study import episodes_to_threshold, read_rows, success_curve
+from fastarcher.study import read_rows, success_curve, summarize
 
 SKIP = {"--config", "--seed", "--iterations", "--log.run-dir", "--checkpoint.resume", "--algo"}
 
@@ -44,24 +44,23 @@ def rows_of(folders: list[str], threshold: float) -> list[str]:
                     name, _, command = line[len("study: "):].partition(": ")
                     commands[name] = command
         for algo in sorted({p.name.rsplit("_s", 1)[0] for p in (folder / "runs").iterdir()}):
-            per_seed, flags, finals = {}, set(), []
+            curves, flags = {}, set()
             for run in sorted((folder / "runs").glob(f"{algo}_s*")):
                 seed = run.name.rsplit("_s", 1)[1]
                 curve = success_curve(read_rows(run, partial_ok=True))
                 if len(curve) < 2:
                     continue
-                per_seed[seed] = (episodes_to_threshold(curve, threshold), curve[-1][0])
-                finals.append(curve[-1][1])
+                curves[seed] = curve
                 if f"{algo} seed {seed}" in commands:
                     flags.add(run_flags(commands[f"{algo} seed {seed}"]))
-            if not per_seed:
+            if not curves:
                 continue
-            hit = sorted(v for v, _ in per_seed.values() if v is not None)
-            median = f"{hit[len(hit) // 2] if len(hit) % 2 else (hit[len(hit) // 2 - 1] + hit[len(hit) // 2]) / 2:,.0f}" \
-                if hit else "—"
-            seeds = ", ".join(f"{s}: {'—' if v is None else f'{v:,.0f}'} (of {n:,.0f})" for s, (v, n) in per_seed.items())
-            out.append(f"| {folder.name} | `{algo}` | `{' / '.join(sorted(flags)) or '?'}` | {len(hit)}/{len(per_seed)} | "
-                       f"{median} | {seeds} | {sum(finals) / len(finals):.2f} |")
+            row = summarize({algo: curves}, threshold)[0]
+            median = "—" if row["episodes_median"] is None else f"{row['episodes_median']:,.0f}"
+            seeds = ", ".join(f"{s}: {'—' if v is None else f'{v:,.0f}'} (of {curves[s][-1][0]:,.0f})"
+                              for s, v in row["per_seed"].items())
+            out.append(f"| {folder.name} | `{algo}` | `{' / '.join(sorted(flags)) or '?'}` | "
+                       f"{row['reached']}/{row['seeds']} | {median} | {seeds} | {row['final_mean']:.2f} |")
     return out
 
 

@@ -199,6 +199,10 @@ def train_command(cfg: StudyConfig, algo: str, seed: int, iterations: int, run_d
 STOP_FILE = "study_stop.json"
 
 
+def run_dir_of(out: Path, algo: str, seed: int) -> Path:
+    return out / "runs" / f"{algo}_s{seed}"
+
+
 def held_threshold(rows: list[dict], threshold: float, count: int) -> bool:
     """The last `count` evaluations (at least `count` after the one before training) all reach `threshold`."""
     successes = [success for _, success in success_curve(rows)][1:]
@@ -255,7 +259,7 @@ def run_study(cfg: StudyConfig, argv: list[str] | None = None) -> list[dict]:
     commands, pending = [], []
     for algo in cfg.algos:
         for seed in cfg.seeds:
-            run_dir = out / "runs" / f"{algo}_s{seed}"
+            run_dir = run_dir_of(out, algo, seed)
             command = train_command(cfg, algo, seed, iterations_of[algo], run_dir)
             commands.append(shlex.join(command))
             complete = any(r["iteration"] >= iterations_of[algo] for r in read_rows(run_dir))
@@ -265,7 +269,7 @@ def run_study(cfg: StudyConfig, argv: list[str] | None = None) -> list[dict]:
         stop = (lambda rows: held_threshold(rows, cfg.threshold, cfg.stop_after)) if cfg.stop_after else None
         run_all(pending, cfg.jobs, stop)
     curves: dict[str, dict[int, list[tuple[float, float]]]] = {
-        algo: {seed: success_curve(read_rows(out / "runs" / f"{algo}_s{seed}")) for seed in cfg.seeds}
+        algo: {seed: success_curve(read_rows(run_dir_of(out, algo, seed))) for seed in cfg.seeds}
         for algo in cfg.algos}
     rows = summarize(curves, cfg.threshold)
     out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +277,7 @@ def run_study(cfg: StudyConfig, argv: list[str] | None = None) -> list[dict]:
     (out / "study.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "iterations": iterations_of,
                                                 "rows": rows, "curves": curves}, indent=1))
     stopped = [f"{algo}_s{seed}" for algo in cfg.algos for seed in cfg.seeds
-               if (out / "runs" / f"{algo}_s{seed}" / STOP_FILE).is_file()]
+               if (run_dir_of(out, algo, seed) / STOP_FILE).is_file()]
     note = (f"\n\nRuns ended once {cfg.stop_after} consecutive evaluations reached {cfg.threshold:g} "
             f"(`--stop-after {cfg.stop_after}`; their final success is their last logged evaluation, which can "
             f"come a few iterations after the stop signal): "
