@@ -59,7 +59,7 @@ def rows_of(folders: list[str], threshold: float) -> list[str]:
             median = "—" if row["episodes_median"] is None else f"{row['episodes_median']:,.0f}"
             seeds = ", ".join(f"{s}: {'—' if v is None else f'{v:,.0f}'} (of {curves[s][-1][0]:,.0f})"
                               for s, v in row["per_seed"].items())
-            out.append(f"| {folder.name} | `{algo}` | `{' / '.join(sorted(flags)) or '?'}` | "
+            out.append(f"| {folder.name} | `{algo}` | `{' / '.join(sorted(f or '(none)' for f in flags)) or '?'}` | "
                        f"{row['reached']}/{row['seeds']} | {median} | {seeds} | {row['final_mean']:.2f} |")
     return out
 
