@@ -276,8 +276,8 @@ def run_study(cfg: StudyConfig, argv: list[str] | None = None) -> list[dict]:
     title = f"{Path(cfg.preset).stem}: {cfg.episodes:,} episodes per run"
     (out / "study.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "iterations": iterations_of,
                                                 "rows": rows, "curves": curves}, indent=1))
-    stopped = [f"{algo}_s{seed}" for algo in cfg.algos for seed in cfg.seeds
-               if (run_dir_of(out, algo, seed) / STOP_FILE).is_file()]
+    stopped = [run_dir.name for run_dir in (run_dir_of(out, algo, seed) for algo in cfg.algos for seed in cfg.seeds)
+               if (run_dir / STOP_FILE).is_file()]
     note = (f"\n\nRuns ended once {cfg.stop_after} consecutive evaluations reached {cfg.threshold:g} "
             f"(`--stop-after {cfg.stop_after}`; their final success is their last logged evaluation, which can "
             f"come a few iterations after the stop signal): "
