@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,24 @@ def exit_now(status: int) -> None:
     os._exit(status)
 
 
+def let_rank0_report_first(limit_s: float = 30.0) -> None:
+    """Under torchrun, on a rank other than 0 with a config error (every rank finds the same one): wait, at
+    most `limit_s`, for torchrun to stop this worker once rank 0 has printed the error and exited.
+
+    Exiting first would make torchrun SIGTERM rank 0 before it prints, and the user would see only
+    torchrun's report. SIGTERM goes back to its default so that stop is immediate; a launcher that is gone
+    ends the wait.
+    """
+    if _LAUNCHER_PID is None or int(os.environ.get("RANK", "0")) == 0:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    deadline = time.monotonic() + limit_s
+    while os.getppid() == _LAUNCHER_PID and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def peer_failure(error: BaseException) -> bool:
     """True when `error` is a collective failing because another rank went away (its own message says why)."""
     text = str(error)
@@ -104,6 +123,10 @@ PR_SET_PDEATHSIG = 1
 """prctl option: the signal this process gets when its parent ends (linux/prctl.h)."""
 
 
+_LAUNCHER_PID: int | None = None
+"""torchrun's pid, recorded by `exit_with_launcher` (None outside torchrun)."""
+
+
 def exit_with_launcher() -> None:
     """Under torchrun, get SIGTERM when the launcher dies (Linux), so no orphan keeps writing the run folder.
 
@@ -112,7 +135,8 @@ def exit_with_launcher() -> None:
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    global _LAUNCHER_PID
+    parent = _LAUNCHER_PID = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
         return  # not allowed here (seccomp): run on without it

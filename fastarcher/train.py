@@ -84,7 +84,10 @@ def check_config(cfg: TrainConfig) -> None:
 
 def config_exit(error: Exception) -> SystemExit:
     """Exit status 1 with the message on rank 0; the other ranks, which reached the same verdict, exit
-    without repeating it."""
+    without repeating it, after rank 0 (under torchrun)."""
+    from fastarcher.dist import let_rank0_report_first
+
+    let_rank0_report_first()
     return SystemExit(f"config error: {error}" if launch_rank() == 0 else 1)
 
 
@@ -118,7 +121,7 @@ def run(cfg: TrainConfig, info) -> dict:
     """Validate, claim the run folder, train, save, write the summary; raises SystemExit(message) for the
     errors every rank meets alike (config, run folder, checkpoint, numerical, stop signal)."""
     from fastarcher.checkpoint import CheckpointError
-    from fastarcher.dist import broadcast_object
+    from fastarcher.dist import broadcast_object, let_rank0_report_first
     from fastarcher.guards import NonFiniteLossError
     from fastarcher.run_folder import RunLock, run_folder_problem
     from fastarcher.trainer import Trainer
@@ -132,6 +135,7 @@ def run(cfg: TrainConfig, info) -> dict:
     problem = (run_folder_problem(cfg.log.run_dir) or lock.acquire()) if info.is_main else None
     problem = broadcast_object(problem)
     if problem:
+        let_rank0_report_first()
         raise SystemExit(f"run folder error: {problem}")
     try:
         try:

@@ -332,6 +332,23 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
     assert not left, f"workers {left} outlived their launcher by 30 s:\n{run.output()[-3000:]}"
 
 
+def test_other_ranks_wait_for_rank0_only_while_the_launcher_lives(monkeypatch):
+    import fastarcher.dist as fdist
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
+    monkeypatch.setenv("RANK", "1")
+    for launcher, limit, at_least in ((None, 5.0, 0.0), (-1, 5.0, 0.0), (os.getppid(), 0.5, 0.5)):
+        monkeypatch.setattr(fdist, "_LAUNCHER_PID", launcher)  # None: no torchrun; -1: launcher gone
+        start = time.monotonic()
+        fdist.let_rank0_report_first(limit)
+        waited = time.monotonic() - start
+        assert at_least <= waited < at_least + 0.4, (launcher, waited)
+    monkeypatch.setenv("RANK", "0")
+    start = time.monotonic()
+    fdist.let_rank0_report_first(5.0)
+    assert time.monotonic() - start < 0.4
+
+
 # --------------------------------------------------------------------------------------------------
 # metrics file of a fresh start
 
