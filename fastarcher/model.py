@@ -41,6 +41,9 @@ class ModelConfig:
     """Built-in model: MLP width."""
     max_positions: int = 1024
     """Built-in model: maximum sequence length (prompt + dialogue)."""
+    tie_embeddings: bool = True
+    """Built-in model: one matrix for the input embeddings and the output projection. Untied, a gradient
+    that raises an action's logit does not also move how that token reads when it is in the history."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype of the policy (training keeps optimizer math in this dtype)."""
 
@@ -100,7 +103,7 @@ def build_builtin_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: 
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
         max_position_embeddings=cfg.max_positions,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_embeddings,
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         bos_token_id=eos_id,

@@ -144,6 +144,26 @@ def test_builtin_model_shapes_dtype_and_blocks():
     assert logits.shape == (1, 3, len(tok))
 
 
+def test_untied_builtin_model_has_its_own_output_matrix_and_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48, max_positions=64)
+    tied, tok = load_policy(cfg)
+    untied, _ = load_policy(ModelConfig(**{**cfg.__dict__, "tie_embeddings": False}))
+    assert untied.get_input_embeddings().weight is not untied.get_output_embeddings().weight
+    extra = sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in tied.parameters())
+    assert extra == len(tok) * 32
+    with torch.no_grad():
+        untied.get_output_embeddings().weight.zero_()  # the output alone moves; the input embedding stays
+    assert untied.get_input_embeddings().weight.abs().sum() > 0
+    untied.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, _ = load_policy(ModelConfig(path=str(tmp_path)))
+    ids = torch.tensor([encode(tok, "Guess a number from 1 to 16.\n8\n")])
+    with torch.no_grad():
+        assert torch.equal(untied.eval()(input_ids=ids).logits, loaded.eval()(input_ids=ids).logits)
+        assert loaded.eval()(input_ids=ids).logits.abs().max() == 0  # its zero output matrix came back
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(hidden_size=30, num_heads=4), r"model.hidden_size \(30\) must be divisible by model.num_heads \(4\)"),
     (dict(num_layers=0), r"model.num_layers \(0\) must be positive"),
