@@ -30,6 +30,9 @@ KL_ALGOS = ("archer", "reinforce", "grpo", "rloo", "reinforce_pp", "remax", "ppo
 
 Algo = Literal["archer", "chai", "reinforce", "grpo", "rloo", "reinforce_pp", "remax", "ppo", "filtered_bc", "sft"]
 
+REPLAY_ALGOS = ("archer", "chai")
+"""Algorithms with a replay buffer (off-policy), the ones that can take demonstrations into it."""
+
 
 @dataclass(kw_only=True)
 class RolloutConfig:
@@ -290,6 +293,9 @@ class WarmStartConfig:
     """Learning rate of the warm start."""
     episodes: int = 512
     """Demonstration episodes generated per rank."""
+    to_replay: bool = False
+    """Also write the demonstration turns into the replay buffer (algorithms with one: archer, chai), so the
+    off-policy critic learns from them from the first iteration; on-policy algorithms cannot use them."""
 
     def validate(self) -> None:
         _non_negative(self, "warm_start", "steps")
@@ -447,6 +453,11 @@ class TrainConfig:
                 f"({self.rollout.max_new_tokens + 1}) when rollout.constrain_actions is off (a cut utterance is "
                 f"closed with the stop token)"
             )
+        if self.warm_start.to_replay and self.algo not in REPLAY_ALGOS:
+            raise ValueError(f"warm_start.to_replay needs an algorithm with a replay buffer ({', '.join(REPLAY_ALGOS)}); "
+                             f"algo {self.algo!r} learns on-policy only")
+        if self.warm_start.to_replay and self.warm_start.steps == 0:
+            raise ValueError("warm_start.to_replay writes the warm start's demonstrations: set warm_start.steps > 0")
         if self.algo == "sft" and self.warm_start.steps == 0:
             raise ValueError("algo 'sft' trains only the warm start: set warm_start.steps > 0")
         if self.algo == "ppo" and self.ppo.value_model == "policy" and world_size > 1:

@@ -205,6 +205,9 @@ class Trainer:
                 m = reduce_metrics(bag.means(), self.info.world_size)
                 self.logger.print(f"  warm start step {step + 1}/{ws.steps}  nll {m['actor/bc_loss']:.3f}")
         self.sync_engine()
+        if ws.to_replay:  # validate() allows it only for an algorithm with a replay buffer
+            self.algorithm.add_demonstrations(transitions)
+            self.logger.print(f"warm start: {len(transitions)} demonstration turns per rank written to the replay buffer")
 
     def evaluate(self) -> dict[str, float]:
         was_gen = self.sample_gen.get_state()

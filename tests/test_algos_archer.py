@@ -196,3 +196,33 @@ def test_kl_flag_adds_the_kl_to_the_actor_loss_on_fresh_actions(tmp_path, monkey
                                                   + 0.5 * metrics["actor/kl_loss"], rel=1e-4, abs=1e-6)
     assert all(p.grad is None for p in algo.kl.reference.model.parameters())
     trainer.logger.close()
+
+
+
+def test_warm_start_to_replay_puts_every_demonstration_turn_in_the_buffer(tmp_path, monkeypatch):
+    from dist_helpers import REPO
+    from fastarcher.dist import DistInfo
+    from fastarcher.train import parse_config
+    from fastarcher.trainer import Trainer
+
+    monkeypatch.chdir(REPO)
+    flags = ("--config configs/tiny_cpu.yaml --algo archer --warm-start.steps 1 --warm-start.demos oracle "
+             "--warm-start.episodes 5 --rollout.num-envs 2 --eval.episodes 2 --log.no-progress --model.num-layers 1 "
+             "--critic.num-layers 1 --archer.batch-size 4 --archer.critic-epochs 1").split()
+    for to_replay in (False, True):
+        cfg = parse_config([*flags, *(["--warm-start.to-replay"] if to_replay else []),
+                            "--log.run-dir", str(tmp_path / f"run{to_replay}")])
+        trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+        buffer = trainer.algorithm.buffer
+        trainer.warm_start()
+        if not to_replay:
+            assert len(buffer) == 0
+            trainer.logger.close()
+            continue
+        stored = buffer.gather(torch.arange(len(buffer)))
+        assert int(stored.done.sum()) == 5  # five oracle episodes, each ending in the goal
+        assert float(stored.reward.sum()) == pytest.approx(5 * float(stored.reward.max())) and stored.reward.max() > 0
+        assert int(stored.action_len.min()) >= 2  # an action and the stop token, as played turns are stored
+        played = trainer.iterate()
+        assert len(buffer) == len(stored) + round(played["rollout/episode_len"] * 2)  # demos stay, turns join
+        trainer.logger.close()

@@ -145,6 +145,14 @@ def test_sft_refuses_iterations_it_would_ignore(tmp_path, no_trainer):
     check_config(parse_config(["--config", TINY, "--algo", "sft", "--warm-start.steps", "5"]))
 
 
+def test_warm_start_to_replay_needs_a_replay_buffer_and_demonstrations(tmp_path, no_trainer):
+    shown = refusal(["--algo", "ppo", "--warm-start.steps", "5", "--warm-start.to-replay"], tmp_path)
+    assert "warm_start.to_replay needs an algorithm with a replay buffer (archer, chai); algo 'ppo'" in shown
+    shown = refusal(["--algo", "archer", "--warm-start.to-replay"], tmp_path)
+    assert "set warm_start.steps > 0" in shown
+    check_config(parse_config(["--config", TINY, "--algo", "chai", "--warm-start.steps", "5", "--warm-start.to-replay"]))
+
+
 def test_sglang_engine_is_a_one_line_refusal(tmp_path, no_trainer):
     shown = refusal(["--rollout.engine", "sglang"], tmp_path)
     assert shown == "config error: rollout.engine ('sglang') is not implemented yet: use --rollout.engine hf"

@@ -264,6 +264,11 @@ class Archer(AlgorithmBase):
         if self.baseline is not None and not resumed:
             self.baseline.copy_trunk_from(self.ctx.actor.policy)
 
+    def add_demonstrations(self, transitions) -> None:
+        """Demonstration turns (`warm_start.to_replay`) into the replay buffer, once, before the first
+        iteration: the critic learns from them like any played turn; the buffer's checkpoint keeps them."""
+        self.buffer.add(transitions.to(self.ctx.actor.device))
+
     def update(self, batch, bag) -> dict[str, float]:
         a, cfg = self.ctx.cfg.archer, self.ctx.cfg
         for opt in (self.critic_opt, self.baseline_opt) if cfg.optim.scheduled else ():

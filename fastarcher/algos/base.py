@@ -12,6 +12,7 @@ what it must save comes back from `parts()`, which the loop hands to the checkpo
         def parts(self) -> dict[str, Stateful]: ...                  # checkpoint parts it owns
         def start(self, resumed: bool) -> None: ...                  # once, before the first iteration
         def update(self, batch: IterationBatch, bag: MetricBag) -> dict[str, float]: ...
+        def add_demonstrations(self, transitions: TransitionBatch) -> None: ...  # only those in config.REPLAY_ALGOS
 """
 
 from __future__ import annotations
