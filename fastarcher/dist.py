@@ -94,8 +94,8 @@ def exit_now(status: int) -> None:
 
 
 def let_rank0_report_first(limit_s: float = 30.0) -> None:
-    """Under torchrun, on a rank other than 0 with a config error (every rank finds the same one): wait, at
-    most `limit_s`, for torchrun to stop this worker once rank 0 has printed the error and exited.
+    """Under torchrun, on a rank other than 0 with an error every rank finds alike (config, run folder): wait,
+    at most `limit_s`, for torchrun to stop this worker once rank 0 has printed the error and exited.
 
     Exiting first would make torchrun SIGTERM rank 0 before it prints, and the user would see only
     torchrun's report. SIGTERM goes back to its default so that stop is immediate; a launcher that is gone
