@@ -201,8 +201,13 @@ class PPOConfig:
     without a gradient into it (one process only)."""
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     """How per-token losses become a minibatch loss (verl's loss_agg_mode)."""
+    target_kl: float | None = None
+    """Stop the iteration's remaining policy (and value) steps once a minibatch's approximate KL(π_old‖π)
+    (the k3 estimate, the largest over processes) exceeds this; None = off (the epochs always run)."""
 
     def validate(self) -> None:
+        if self.target_kl is not None and not self.target_kl > 0:
+            raise ValueError(f"ppo.target_kl ({self.target_kl}) must be positive (or unset for no limit)")
         for name in ("gamma", "lam", "high_level_gamma", "archer_alpha"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"ppo.{name} ({getattr(self, name)}) must be in [0, 1]")

@@ -64,6 +64,8 @@ def test_ppo_config_rules():
         TrainConfig(algo="ppo", ppo=PPOConfig(dual_clip=1.0)).validate()
     with pytest.raises(ValueError, match=r"ppo.lam \(1.5\)"):
         TrainConfig(algo="ppo", ppo=PPOConfig(lam=1.5)).validate()
+    with pytest.raises(ValueError, match=r"ppo.target_kl \(0.0\) must be positive"):
+        TrainConfig(algo="ppo", ppo=PPOConfig(target_kl=0.0)).validate()
 
 
 @pytest.mark.parametrize("estimator,value_model", [("gae", "separate"), ("bilevel_gae", "separate"),
@@ -114,3 +116,35 @@ def test_policy_value_head_reads_the_policy_without_a_gradient_into_it():
     assert head.head.weight.grad is not None and all(p.grad is None for p in policy.parameters())
     with pytest.raises(ValueError, match="ppo.value_model 'policy' is supported on one process only"):
         TrainConfig(algo="ppo", ppo=PPOConfig(value_model="policy")).validate(world_size=2)
+
+
+def test_target_kl_stops_the_policy_steps_once_the_minibatch_kl_passes_it(tmp_path, monkeypatch):
+    from dist_helpers import REPO
+    from fastarcher.algos.base import IterationBatch
+    from fastarcher.dist import DistInfo
+    from fastarcher.metrics import MetricBag
+    from fastarcher.train import parse_config
+    from fastarcher.trainer import Trainer
+
+    monkeypatch.chdir(REPO)
+    flags = ("--config configs/tiny_cpu.yaml --algo ppo --rollout.num-envs 8 --eval.episodes 2 --log.no-progress "
+             "--model.num-layers 1 --ppo.epochs 4 --archer.batch-size 8 --optim.actor-lr 1e-2").split()
+    steps, kls = {}, {}
+    for target in (None, 1e-9):
+        cfg = parse_config([*flags, *(["--ppo.target-kl", str(target)] if target else []),
+                            "--log.run-dir", str(tmp_path / f"run{target}")])
+        trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+        trainer.algorithm.start(resumed=False)
+        rollout = trainer.play(trainer.runner, trainer.train_seeds(), greedy=False)
+        transitions = rollout.transitions(cfg.archer.gamma, trainer.pad_id)
+        transitions.reward = torch.arange(len(transitions), dtype=torch.float32) % 2  # a signal to follow
+        bag = MetricBag()
+        out = trainer.algorithm.update(IterationBatch(0, rollout, transitions), bag)
+        steps[target] = out["actor/policy_steps"]
+        kls[target] = bag.means()["actor/approx_kl"]
+        if target is None:
+            per_epoch = -(-len(transitions) // 8)  # minibatches of 8 rows per epoch
+        trainer.logger.close()
+    assert steps[None] == 4 * per_epoch  # no limit: every epoch runs
+    # the first step measures KL 0 (π = π_old); the second, after a step at lr 1e-2, passes 1e-9 and stops
+    assert steps[1e-9] == 2, (steps, kls)

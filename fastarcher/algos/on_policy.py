@@ -115,15 +115,17 @@ def steps_on_every_rank(n: int, batch: int) -> int:
 
 def weighted_updates(ctx, transitions: TransitionBatch, weights: Tensor, bag: MetricBag, loss_fn: LossFn, *,
                      epochs: int, iteration: int, kl=None, old_logprob: Tensor | None = None,
-                     after_step: Callable[[Tensor], None] | None = None) -> None:
+                     after_step: Callable[[Tensor], None] | None = None,
+                     stop: Callable[[], bool] | None = None) -> int:
     """`epochs` passes over the transitions in shuffled minibatches of archer.batch_size rows (minibatch
     order from this rank's cpu_gen); every rank takes the same number of optimizer steps (the most any
     rank needs; a rank with fewer rows cycles through its own). `after_step(rows)` runs after each policy
-    step on the same rows (PPO's value step)."""
+    step on the same rows (PPO's value step); `stop()`, asked after each step, ends the passes early (it
+    must answer alike on every rank). Returns the policy steps taken."""
     b = ctx.cfg.archer.batch_size
     n = len(transitions)
     steps = steps_on_every_rank(n, b)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(max(n, 1), generator=ctx.streams.cpu_gen)
         for step in range(steps):
             rows = order[(torch.arange(step * b, (step + 1) * b)) % max(n, 1)]
@@ -132,6 +134,9 @@ def weighted_updates(ctx, transitions: TransitionBatch, weights: Tensor, bag: Me
                         old_logprob=old_logprob)
             if after_step is not None:
                 after_step(rows)
+            if stop is not None and stop():
+                return epoch * steps + step + 1
+    return epochs * steps
 
 
 def on_policy_update(ctx, batch, bag: MetricBag, weights: Tensor, loss_fn: LossFn, *, epochs: int,

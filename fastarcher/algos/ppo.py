@@ -31,6 +31,7 @@ from fastarcher.algos.ppo_loss import ppo_policy_loss, value_loss
 from fastarcher.algos.reinforce_pp import token_rewards
 from fastarcher.algos.token_view import pack, unpack
 from fastarcher.checkpoint import ModelState, OptimizerState
+from fastarcher.dist import all_reduce_max
 from fastarcher.reference import score_rows, score_tokens
 from fastarcher.rollout.collect import sampled_lengths
 from fastarcher.value_model import PolicyValueHead, TokenValueModel
@@ -111,19 +112,27 @@ class PPO(KLPolicyGradient):
             advantage = whiten(advantage, scored)
         bag.add({"critic/value_mean": (old_values.sum() / scored.sum().clamp(min=1)),
                  "critic/return_mean": (returns.sum() / scored.sum().clamp(min=1))})
-        weighted_updates(ctx, transitions, advantage, bag, self._policy_loss, epochs=p.epochs, iteration=batch.iteration,
-                         kl=self.kl if self.kl.in_loss else None, old_logprob=old_logprob,
-                         after_step=lambda rows: self.value_step(transitions, rows, returns, old_values, bag,
-                                                                 batch.iteration))
+        steps = weighted_updates(ctx, transitions, advantage, bag, self._policy_loss, epochs=p.epochs,
+                                 iteration=batch.iteration, kl=self.kl if self.kl.in_loss else None,
+                                 old_logprob=old_logprob,
+                                 after_step=lambda rows: self.value_step(transitions, rows, returns, old_values, bag,
+                                                                         batch.iteration),
+                                 stop=self._past_target_kl if p.target_kl is not None else None)
         sync_s = actor.sync_engine()
         return {"time/actor_s": time.perf_counter() - t0 - sync_s, "time/sync_s": sync_s,
-                **self.kl.end_iteration(cfg.rollout.num_envs)}
+                "actor/policy_steps": float(steps), **self.kl.end_iteration(cfg.rollout.num_envs)}
+
+    def _past_target_kl(self) -> bool:
+        """The last minibatch's approx KL above ppo.target_kl on any process (one all-reduce per step)."""
+        kl = all_reduce_max(self._last_kl.detach().float().reshape(1).clone())
+        return bool(kl[0] > self.ctx.cfg.ppo.target_kl)
 
     def _policy_loss(self, tokens) -> tuple[Tensor, dict[str, Tensor]]:
         p = self.ctx.cfg.ppo
         loss, metrics = ppo_policy_loss(tokens.logprob, tokens.old_logprob, tokens.weights, tokens.mask.float(),
                                         clip_low=p.clip_ratio, clip_high=p.clip_ratio_high, dual_clip=p.dual_clip,
                                         agg=p.loss_agg)
+        self._last_kl = metrics["actor/approx_kl"]
         return loss, {**metrics, "actor/loss": loss.detach()}
 
     def value_step(self, transitions, rows: Tensor, returns: Tensor, old_values: Tensor, bag, iteration: int) -> None:
