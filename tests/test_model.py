@@ -1,4 +1,5 @@
 """Built-in tokenizer and tiny Llama (fastarcher/model.py): lossless word-level encoding, save/load round trip."""
+import dataclasses
 import random
 import string
 
@@ -119,13 +120,18 @@ def test_tokenizer_save_pretrained_round_trip(tok, tmp_path):
     assert stop_token_id(loaded) == stop_token_id(tok)
 
 
+def save_and_reload(model, tok, path):
+    """The model and tokenizer saved to `path`, then loaded back through `--model.path`."""
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return load_policy(ModelConfig(path=str(path)))
+
+
 def test_model_path_loads_a_saved_builtin_model_with_the_same_code(tmp_path):
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=64)
     model, tok = load_policy(cfg)
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    loaded, loaded_tok = load_policy(ModelConfig(path=str(tmp_path)))
+    loaded, loaded_tok = save_and_reload(model, tok, tmp_path)
     ids = torch.tensor([encode(tok, "Guess a number from 1 to 16.\n8\nhigher\n")])
     with torch.no_grad():
         assert torch.equal(model.eval()(input_ids=ids).logits, loaded.eval()(input_ids=ids).logits)
@@ -148,16 +154,14 @@ def test_untied_builtin_model_has_its_own_output_matrix_and_saves_and_loads(tmp_
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48, max_positions=64)
     tied, tok = load_policy(cfg)
-    untied, _ = load_policy(ModelConfig(**{**cfg.__dict__, "tie_embeddings": False}))
+    untied, _ = load_policy(dataclasses.replace(cfg, tie_embeddings=False))
     assert untied.get_input_embeddings().weight is not untied.get_output_embeddings().weight
     extra = sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in tied.parameters())
     assert extra == len(tok) * 32
     with torch.no_grad():
         untied.get_output_embeddings().weight.zero_()  # the output alone moves; the input embedding stays
     assert untied.get_input_embeddings().weight.abs().sum() > 0
-    untied.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    loaded, _ = load_policy(ModelConfig(path=str(tmp_path)))
+    loaded, _ = save_and_reload(untied, tok, tmp_path)
     ids = torch.tensor([encode(tok, "Guess a number from 1 to 16.\n8\n")])
     with torch.no_grad():
         assert torch.equal(untied.eval()(input_ids=ids).logits, loaded.eval()(input_ids=ids).logits)
