@@ -61,6 +61,9 @@ class RolloutConfig:
     """The policy and the critic see only the last this many tokens of the dialogue (0: all of it).
     For envs whose observation holds the whole state (FrozenLake, Sokoban) a window of one turn keeps
     states short; at most replay.max_state_len."""
+    kv_cache: bool = True
+    """Keep each episode's KV cache between turns and feed only the tokens a turn adds (same tokens and
+    log-probs as prefilling the whole dialogue again). A row whose context window slid is prefilled again."""
 
     def validate(self) -> None:
         if self.engine != "hf":

@@ -176,7 +176,7 @@ class Trainer:
         engine = self.algorithm.acting_engine(self.engine) if self.algorithm is not None else self.engine
         return play_episodes(runner, seeds, tokenizer=self.tokenizer, stop_id=self.stop_id, engine=engine,
                              params=self.actor.sampling_params(greedy), generator=self.sample_gen,
-                             context_tokens=self.cfg.rollout.context_tokens)
+                             context_tokens=self.cfg.rollout.context_tokens, kv_cache=self.cfg.rollout.kv_cache)
 
     def sync_engine(self) -> float:
         return self.actor.sync_engine()
@@ -241,6 +241,7 @@ class Trainer:
         metrics = rollout.stats("rollout")
         metrics["perf/tokens_per_s"] = rollout.generated_tokens / max(t_rollout, 1e-9)
         metrics["count/rollout_engine_forwards"] = float(rollout.engine_calls)
+        metrics["count/rollout_reused_tokens"] = float(rollout.reused_tokens)
         if greedy is not None:  # environment episodes a sample-efficiency count must include
             metrics["count/greedy_episodes"] = float(len(greedy.episodes))
         metrics.update({"time/rollout_s": t_rollout, "time/critic_s": 0.0, "time/actor_s": 0.0, "time/sync_s": 0.0})

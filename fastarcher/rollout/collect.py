@@ -55,6 +55,8 @@ class RolloutResult:
     episodes: list[Episode]
     generated_tokens: int = 0
     engine_calls: int = 0
+    reused_tokens: int = 0
+    """Dialogue tokens the engine took from its per-episode KV cache instead of prefilling again."""
 
     def kept(self) -> list[Episode]:
         return [e for e in self.episodes if not e.dropped and e.turns]
@@ -132,11 +134,13 @@ def play_episodes(
     generator: torch.Generator | None = None,
     picker: ActionPicker | None = None,
     context_tokens: int = 0,
+    kv_cache: bool = True,
 ) -> RolloutResult:
     """Run one episode per seed to the end, with the engine (sampling/greedy) or a scripted picker.
 
     context_tokens > 0: the engine sees, and each turn stores as its state, only the last
-    `context_tokens` tokens of the dialogue."""
+    `context_tokens` tokens of the dialogue. kv_cache: an engine that can (`open_dialogues`) keeps each
+    episode's keys/values between turns and feeds only the new tokens (same tokens and log-probs)."""
     if (engine is None) == (picker is None):
         raise ValueError("play_episodes needs exactly one of engine or picker")
     if context_tokens < 0:
@@ -149,12 +153,18 @@ def play_episodes(
     episodes = [Episode(seed=s) for s in seeds]
     states = [window(encode(tokenizer, obs)) for obs in first_obs]
     result = RolloutResult(episodes=episodes)
+    open_dialogues = getattr(engine, "open_dialogues", None) if kv_cache else None
+    dialogues = open_dialogues(context_tokens) if open_dialogues is not None else None
     while True:
         live = runner.live_indices()
         if not live:
             break
-        if engine is not None:
+        if dialogues is not None:
+            dialogues.keep_only(live)  # free finished episodes' keys/values
+            out = dialogues.generate(live, [states[i] for i in live], params, generator)
+        elif engine is not None:
             out = engine.generate([states[i] for i in live], params, generator)
+        if engine is not None:
             actions = out.token_ids
             result.engine_calls += out.num_calls
             result.generated_tokens += sum(len(a) for a in actions)
@@ -175,6 +185,8 @@ def play_episodes(
                                       invalid=bool(step.info.get("invalid", False))))
             episode.success |= bool(step.info.get("success", False))
             states[step.index] = window(states[step.index] + action + obs_ids)
+    if dialogues is not None:
+        result.reused_tokens = dialogues.reused_tokens
     for stats in runner.stats:  # a reset that raised never produced a live slot
         episodes[stats.index].dropped |= stats.dropped
     return result

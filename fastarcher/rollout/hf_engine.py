@@ -4,11 +4,17 @@ All live prompts are left-padded into one batch (in chunks of `max_batch`, sorte
 padding small), prefilled once, then decoded token by token with the KV cache; rows stop at the stop
 token. The engine owns an unsharded copy of the policy that the trainer refreshes with
 `update_weights` (the same path a remote engine such as SGLang uses).
+
+Multi-turn rollouts open a `DialogueCache`: each episode keeps the keys/values of the tokens it has
+already fed, and the next turn feeds only what its dialogue gained since (the last action's stop
+token and the observation) instead of re-prefilling the whole dialogue. A row whose prompt no longer
+extends its cached tokens (a context window that slid) is prefilled from scratch.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -34,6 +40,67 @@ def _cache_of(result):
     return cache if cache is not None else result.past_key_values
 
 
+@dataclass
+class RowCache:
+    """One episode's cached prefix: its token ids and the keys/values of every layer, (L, 2, H, T, D)."""
+
+    tokens: list[int]
+    kv: Tensor
+
+
+def _batch_cache(rows: list[RowCache | None], device: torch.device):
+    """Right-align every row's keys/values in one batch cache → (DynamicCache, (B, W) mask)."""
+    from transformers import DynamicCache
+
+    width = max(len(r.tokens) if r else 0 for r in rows)
+    num_layers, _, heads, _, dim = next(r for r in rows if r).kv.shape
+    template = next(r for r in rows if r).kv
+    buf = template.new_zeros(len(rows), num_layers, 2, heads, width, dim)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        if row:
+            buf[b, :, :, :, width - len(row.tokens) :] = row.kv
+            mask[b, width - len(row.tokens) :] = 1
+    return DynamicCache(ddp_cache_data=[(buf[:, i, 0], buf[:, i, 1]) for i in range(num_layers)]), mask
+
+
+def _plain_layers(cache) -> bool:
+    """Every layer keeps all positions (no sliding window, no quantisation): what reuse relies on."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers) and \
+        len({tuple(layer.keys.shape[1:]) for layer in layers}) == 1 == len({tuple(layer.values.shape[1:]) for layer in layers})
+
+
+def _split_cache(cache, mask: Tensor, fed: list[list[int] | None]) -> list[RowCache | None]:
+    """The batch cache's real columns (mask 1) per row, paired with the tokens they hold (None: skip).
+
+    One gather per layer packs every row's real columns to the right of a (B, L, 2, H, W', D) tensor,
+    W' the longest row; each row keeps a view of its own part."""
+    batch, width = mask.shape
+    real = mask.bool()
+    counts = real.sum(1).tolist()
+    packed_width = max(counts)
+    # Sort key: padding first, then real columns in order; the last `count` columns are the row's.
+    key = real * (width + torch.arange(width, device=mask.device))
+    cols = key.argsort(dim=1, stable=True)[:, width - packed_width :]  # (B, W')
+    layers = []
+    for layer in cache.layers:
+        index = cols[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        layers.append(torch.stack([layer.keys.gather(2, index), layer.values.gather(2, index)], dim=1))
+    packed = torch.stack(layers, dim=1)  # (B, L, 2, H, W', D)
+    out = []
+    for b, tokens in enumerate(fed):
+        if tokens is None:
+            out.append(None)
+            continue
+        if counts[b] != len(tokens):
+            raise RuntimeError(f"KV cache row {b} holds {counts[b]} positions for {len(tokens)} tokens")
+        out.append(RowCache(tokens, packed[b, :, :, :, packed_width - counts[b] :]))
+    return out
+
+
 class HFEngine:
     def __init__(self, model: nn.Module, *, pad_id: int, device: torch.device, max_batch: int = 256):
         self.model = model.to(device).eval()
@@ -46,36 +113,71 @@ class HFEngine:
         # Newer transformers name the cache argument `cache`; older ones `past_key_values`.
         forward_args = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        # Only the last position's logits are read: skip the LM head elsewhere when the model allows.
+        self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward_args else {}
 
-    @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None
     ) -> GenerationOutput:
+        return self._generate(prompts, params, generator, None, None)[0]
+
+    def open_dialogues(self, window: int = 0) -> DialogueCache:
+        """A per-episode KV cache for one multi-turn rollout (weights must not change while it lives);
+        `window`: the caller's context window in tokens (0: none)."""
+        return DialogueCache(self, window)
+
+    @torch.no_grad()
+    def _generate(self, prompts, params: SamplingParams, generator, prefixes: list[RowCache | None] | None,
+                  store: list[bool] | None):
         out = GenerationOutput(token_ids=[[] for _ in prompts], logprobs=[[] for _ in prompts])
+        caches: list[RowCache | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         for start in range(0, len(order), self.max_batch):
             chunk = order[start : start + self.max_batch]
-            tokens, logprobs, calls = self._generate_chunk([prompts[i] for i in chunk], params, generator)
+            tokens, logprobs, calls, rows = self._generate_chunk(
+                [prompts[i] for i in chunk], params, generator,
+                None if prefixes is None else [prefixes[i] for i in chunk],
+                None if store is None else [store[i] for i in chunk],
+            )
             for row, i in enumerate(chunk):
                 out.token_ids[i] = tokens[row]
                 out.logprobs[i] = logprobs[row]
+                if rows is not None:
+                    caches[i] = rows[row]
             out.num_calls += calls
-        return out
+        return out, caches
 
-    def _generate_chunk(self, prompts, params: SamplingParams, generator):
-        batch, width = len(prompts), max(len(p) for p in prompts)
+    def _generate_chunk(self, prompts, params: SamplingParams, generator, prefixes, store):
+        """prefixes None: plain generation. A list (one entry per prompt, None for no cached prefix):
+        feed only what each prompt adds to its prefix; return the cache after the turn of each row whose
+        `store` is true (None for the others)."""
+        batch = len(prompts)
+        cached = [len(p.tokens) if p else 0 for p in prefixes] if prefixes is not None else [0] * batch
+        new = [p[n:] for p, n in zip(prompts, cached)]
+        if any(not n for n in new):
+            raise ValueError("every prompt must add at least one token to its cached prefix")
+        width = max(len(p) for p in new)
         ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(batch, width, dtype=torch.long)
-        for b, p in enumerate(prompts):  # left padding: every row's next token sits at the same column
+        new_mask = torch.zeros(batch, width, dtype=torch.long)
+        for b, p in enumerate(new):  # left padding: every row's next token sits at the same column
             ids[b, width - len(p) :] = torch.tensor(p)
-            mask[b, width - len(p) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            new_mask[b, width - len(p) :] = 1
+        ids, new_mask = ids.to(self.device), new_mask.to(self.device)
+        positions = (new_mask.cumsum(-1) - 1).clamp(min=0)
+        if any(cached):
+            cache, mask = _batch_cache(prefixes, self.device)
+            mask = torch.cat([mask, new_mask], dim=1)
+            positions = positions + torch.tensor(cached, device=self.device)[:, None]
+            extra = {self._cache_arg: cache}
+        else:
+            mask, extra = new_mask, {}
+        result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            **extra, **self._last_logits)
         cache, logits = _cache_of(result), result.logits[:, -1]  # (B, V)
         next_pos = positions[:, -1] + 1
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logprobs: list[list[float]] = [[] for _ in range(batch)]
+        fed = [0] * batch  # generated tokens whose keys/values are in the cache
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         calls = 1
         for step in range(params.max_new_tokens):
@@ -91,6 +193,7 @@ class HFEngine:
                 logp = logits.log_softmax(-1)
                 next_tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
             chosen_logp = logp.gather(-1, next_tok[:, None]).squeeze(-1)
+            live = ~finished
             next_tok = next_tok.masked_fill(finished, self.pad_id)
             for b, (tok, lp, done) in enumerate(zip(next_tok.tolist(), chosen_logp.tolist(), finished.tolist())):
                 if not done:
@@ -107,7 +210,10 @@ class HFEngine:
                 break
             if bool(finished.all()) or step == params.max_new_tokens - 1:
                 break  # no forward after the last token: its logits would never be used
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=self.device)], dim=1)
+            # Rows that had already stopped feed a pad the rest of the batch never sees: mask it out.
+            mask = torch.cat([mask, live[:, None].to(mask.dtype)], dim=1)
+            for b, alive in enumerate(live.tolist()):
+                fed[b] += alive
             result = self.model(
                 input_ids=next_tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                 use_cache=True, **{self._cache_arg: cache},
@@ -115,7 +221,11 @@ class HFEngine:
             cache, logits = _cache_of(result), result.logits[:, -1]
             next_pos = next_pos + 1
             calls += 1
-        return tokens, logprobs, calls
+        rows = None
+        if store is not None and any(store) and _plain_layers(cache):
+            rows = _split_cache(cache, mask, [p + t[:n] if keep else None
+                                              for p, t, n, keep in zip(prompts, tokens, fed, store)])
+        return tokens, logprobs, calls, rows
 
     @staticmethod
     def _only_stop_left(tokens: list[list[int]], finished: Tensor, params: SamplingParams) -> bool:
@@ -137,3 +247,53 @@ class HFEngine:
 
     def wake(self) -> None:
         pass
+
+
+class DialogueCache:
+    """Keys/values of each live episode between turns of one rollout, keyed by the caller's episode id.
+
+    `generate(keys, prompts, ...)` returns exactly what `engine.generate(prompts, ...)` would, while
+    feeding each row only the tokens its prompt adds to what the row fed before. `keep_only` frees
+    finished episodes. With a context window, a prompt that already fills it is not stored: its next
+    prompt slides and cannot reuse it. Built for one rollout: weights pushed into the engine meanwhile
+    would leave the cache stale.
+    """
+
+    def __init__(self, engine: HFEngine, window: int = 0):
+        self.engine = engine
+        self.window = window
+        self._rows: dict[int, RowCache] = {}
+        self.reused_tokens = 0
+        """Prompt tokens served from the cache instead of being prefilled again (for logging and tests)."""
+
+    def generate(
+        self, keys: list[int], prompts: list[list[int]], params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> GenerationOutput:
+        if len(keys) != len(prompts) or len(set(keys)) != len(keys):
+            raise ValueError("DialogueCache.generate needs one distinct key per prompt")
+        prefixes = []
+        for key, prompt in zip(keys, prompts):
+            row = self._rows.get(key)
+            # Reuse only a strict prefix: a prompt that does not extend the cached tokens (a context
+            # window that slid) is prefilled from scratch.
+            usable = row is not None and len(row.tokens) < len(prompt) and prompt[: len(row.tokens)] == row.tokens
+            prefixes.append(row if usable else None)
+            self.reused_tokens += len(row.tokens) if usable else 0
+        store = [not self.window or len(p) < self.window for p in prompts]
+        out, caches = self.engine._generate(prompts, params, generator, prefixes, store)
+        for key, row in zip(keys, caches):
+            if row is None:
+                self._rows.pop(key, None)
+            else:
+                self._rows[key] = row
+        return out
+
+    def keep_only(self, keys: Iterable[int]) -> None:
+        """Free every cached episode not in `keys` (those that ended)."""
+        keep = set(keys)
+        for key in [k for k in self._rows if k not in keep]:
+            del self._rows[key]
+
+    def __len__(self) -> int:
+        return len(self._rows)
