@@ -151,20 +151,29 @@ class DoubleCritic(nn.Module):
             out = net(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
         return last_token_pool(out.last_hidden_state, mask)  # (B, H)
 
-    def forward(self, state_ids: Tensor, state_mask: Tensor, action_ids: Tensor, action_mask: Tensor
+    def forward(self, state_ids: Tensor, state_mask: Tensor, action_ids: Tensor, action_mask: Tensor,
+                next_ids: Tensor | None = None, next_mask: Tensor | None = None,
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(Q1, Q2)(s, a) and (V1, V2)(s); with `next_ids`/`next_mask`, (V1, V2)(s′) instead of V(s).
+
+        The second form is what the critic targets need (Q on fresh actions, V on next states) in one
+        call: no action is embedded only to be thrown away. (Embedding s and s′ as one batch measured
+        slower on CPU and is not bit-identical to two calls, so they stay separate.)"""
+        if (next_ids is None) != (next_mask is None):
+            raise ValueError("pass both next_ids and next_mask, or neither")
+        state_emb = self.embed(state_ids, state_mask)  # (B, H)
+        value_emb = state_emb if next_ids is None else self.embed(next_ids, next_mask)  # (B, H)
         # two encoder calls instead of one on the concatenated batch: states are long and actions
         # short, so padding both to one width would waste most of the action call
-        state_emb = self.embed(state_ids, state_mask)  # (B, H)
         action_emb = self.embed(action_ids, action_mask)  # (B, H)
         # heads run in their own (compute) dtype; reading it here sees FSDP2's unsharded parameter
         head_dtype = self.q1[0].weight.dtype
-        state_emb, action_emb = state_emb.to(head_dtype), action_emb.to(head_dtype)
+        state_emb, action_emb, value_emb = state_emb.to(head_dtype), action_emb.to(head_dtype), value_emb.to(head_dtype)
         state_action = torch.cat([state_emb, action_emb], dim=-1)  # (B, 2H)
         q1 = self.q1(state_action).squeeze(-1).float()
         q2 = self.q2(state_action).squeeze(-1).float()
-        v1 = self.v1(state_emb).squeeze(-1).float()
-        v2 = self.v2(state_emb).squeeze(-1).float()
+        v1 = self.v1(value_emb).squeeze(-1).float()
+        v2 = self.v2(value_emb).squeeze(-1).float()
         # fresh tensors, not views: FSDP2 warns that in-place ops on a view output would skip its hooks
         return q1.clone(), q2.clone(), v1.clone(), v2.clone()
 

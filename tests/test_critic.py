@@ -96,6 +96,34 @@ def test_critic_v_heads_depend_on_state_only():
     assert (q1 - q1b).abs().max() > 0 and (q2 - q2b).abs().max() > 0
 
 
+def test_target_form_equals_two_calls_bit_for_bit():
+    """critic(s, a′, next=s′) gives Q(s, a′) of the first call and V(s′) of a second call on s′ (the two
+    target calls of the critic step before they were merged), on rows of mixed lengths."""
+    critic = make_critic().eval()
+    g = torch.Generator().manual_seed(3)
+    batch = 16
+
+    def ragged(width):
+        lengths = torch.randint(1, width + 1, (batch,), generator=g)
+        lengths[0] = width
+        mask = (torch.arange(width)[None] < lengths[:, None]).long()
+        return torch.randint(1, VOCAB, (batch, width), generator=g) * mask, mask
+
+    for s_width, n_width in [(7, 12), (12, 7), (9, 9)]:
+        s, s_mask = ragged(s_width)
+        n, n_mask = ragged(n_width)
+        a, a_mask = ragged(3)
+        f, f_mask = ragged(4)
+        with torch.no_grad():
+            tq1, tq2, _, _ = critic(s, s_mask, f, f_mask)
+            _, _, tv1, tv2 = critic(n, n_mask, a, a_mask)
+            q1, q2, v1, v2 = critic(s, s_mask, f, f_mask, n, n_mask)
+        for merged, separate in [(q1, tq1), (q2, tq2), (v1, tv1), (v2, tv2)]:
+            assert torch.equal(merged, separate)
+    with pytest.raises(ValueError, match="both next_ids and next_mask"):
+        critic(s, s_mask, f, f_mask, n, None)
+
+
 def test_critic_encoder_layers_are_the_transformer_blocks():
     critic = make_critic()
     layers = critic.encoder_layers()

@@ -303,9 +303,10 @@ class Archer(AlgorithmBase):
                 a_mask = _mask(mb.action_len, mb.action_ids.shape[1])
                 q1, q2, v1, v2 = self.critic(mb.state_ids, s_mask, mb.action_ids, a_mask)
                 with torch.no_grad():
-                    tq1, tq2, _, _ = self.target(mb.state_ids, s_mask, f_ids, _mask(f_len, f_ids.shape[1]))
                     next_ids, next_len = mb.next_state(self.state_window)
-                    _, _, tv1, tv2 = self.target(next_ids, _mask(next_len, next_ids.shape[1]), mb.action_ids, a_mask)
+                    # one target call: Q̄(s, a′) and V̄(s′), without embedding the replayed a for nothing
+                    tq1, tq2, tv1, tv2 = self.target(mb.state_ids, s_mask, f_ids, _mask(f_len, f_ids.shape[1]),
+                                                     next_ids, _mask(next_len, next_ids.shape[1]))
                     y_q1, y_q2, y_v1, y_v2 = critic_targets(
                         reward=mb.reward, done=mb.done, target_v1_next=tv1, target_v2_next=tv2,
                         target_q1_fresh=tq1, target_q2_fresh=tq2, gamma=a.gamma)
