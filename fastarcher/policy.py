@@ -4,6 +4,11 @@ Layout: the state is left-padded and the action right-padded, so every row's act
 column; the model then computes logits only for the last A+1 positions (`logits_to_keep`), never for
 the whole dialogue. With an action constraint the logits of disallowed tokens are set to −inf first,
 so log-probs and entropy are those of the constrained distribution the engine sampled from.
+
+Without a constraint (and unless the whole distribution is asked for), the LM head is fused with the
+log-prob: for that one forward a `ScoringHead` takes the head's place and turns the last hidden states
+into per-token (log-prob, entropy) through `linear_token_logprobs_and_entropy`, so the (B, A, V) logits
+never exist. It runs inside the model's own forward, so an FSDP2-sharded head is unsharded as usual.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastarcher.logprobs import token_logprobs_and_entropy
+from contextlib import contextmanager
+
+from fastarcher.logprobs import linear_token_logprobs_and_entropy, token_logprobs_and_entropy
 from fastarcher.rollout.base import ActionConstraint
 
 
@@ -21,6 +28,40 @@ def left_align(ids: Tensor, lengths: Tensor, pad_id: int) -> Tensor:
     src = torch.arange(width, device=ids.device)[None, :] - (width - lengths)[:, None]  # (B, S)
     out = ids.gather(1, src.clamp(min=0))
     return out.masked_fill(src < 0, pad_id)
+
+
+class ScoringHead(nn.Module):
+    """Stands in for a bias-free linear LM head during one forward: hidden (B, T, H) → (B, T, 2) holding
+    each position's log-prob of `targets` (B, T) and its entropy, computed chunk by chunk."""
+
+    def __init__(self, head: nn.Linear, targets: Tensor, backend: str):
+        super().__init__()
+        self.head, self.targets, self.backend = head, targets, backend
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        logp, entropy = linear_token_logprobs_and_entropy(hidden, self.head.weight, self.targets,
+                                                          ignore_index=-100, backend=self.backend)
+        return torch.stack([logp, entropy], dim=-1)
+
+
+def fusable_head(policy: nn.Module) -> nn.Linear | None:
+    """The policy's LM head if the fused path can replace it: an `lm_head` that is a bias-free nn.Linear
+    with no hooks (a trace capturing the head's inputs needs the real module called)."""
+    head = getattr(policy, "lm_head", None)
+    if type(head) is not nn.Linear or head.bias is not None:
+        return None
+    if head._forward_hooks or head._forward_pre_hooks:
+        return None
+    return head
+
+
+@contextmanager
+def _scoring_head(policy: nn.Module, head: nn.Linear, targets: Tensor, backend: str):
+    policy.lm_head = ScoringHead(head, targets, backend)
+    try:
+        yield
+    finally:
+        policy.lm_head = head
 
 
 def action_logprobs(
@@ -36,6 +77,7 @@ def action_logprobs(
     per_token: bool = False,
     sampled_len: Tensor | None = None,  # (B,)
     log_distribution: bool = False,
+    fused_head: bool = True,
 ) -> tuple[Tensor, ...]:
     """Returns (logprob_sum (B,), token_entropy (B, A), action_mask (B, A)); entropy is 0 on padding.
     With per_token=True the first value is the per-token log π (B, A) instead of its sum (0 on padding).
@@ -44,7 +86,7 @@ def action_logprobs(
     Only those are scored (and in the returned mask): a stop token appended to close an utterance cut at
     max_new_tokens was never drawn from π, so its log-prob is no part of the action's likelihood.
     log_distribution=True adds a fourth value: the whole log π(·|s, a_<h) (B, A, V), constrained like the
-    sampling (−inf off the allowed set), for the exact KL."""
+    sampling (−inf off the allowed set), for the exact KL. fused_head=False always materialises the logits."""
     batch, width_a = action_ids.shape
     state = left_align(state_ids, state_len, pad_id)
     ids = torch.cat([state, action_ids], dim=1)  # (B, S + A)
@@ -53,18 +95,27 @@ def action_logprobs(
     state_mask = torch.arange(state.shape[1], device=ids.device)[None, :] >= (state.shape[1] - state_len)[:, None]
     attention = torch.cat([state_mask, action_mask], dim=1).long()
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids, logits_to_keep=width_a + 1,
-                 use_cache=False)
-    logits = out.logits[:, :-1]  # (B, A, V): position S-1+h predicts action token h
-    if constraint is not None:
-        allowed = constraint.masks_for(action_ids, action_len)
-        logits = logits.masked_fill(~allowed, float("-inf"))
     scored = action_mask if sampled_len is None else positions_a[None, :] < sampled_len[:, None]  # (B, A)
     targets = action_ids.masked_fill(~scored, -100)
-    logp, entropy = token_logprobs_and_entropy(
-        logits.reshape(batch * width_a, -1), targets.reshape(-1), ignore_index=-100, backend=backend
-    )
-    logp = logp.view(batch, width_a)
-    entropy = entropy.view(batch, width_a)
+    head = fusable_head(policy) if fused_head and constraint is None and not log_distribution else None
+    if head is not None:
+        # position S-1+h predicts action token h; the last kept position predicts nothing
+        shifted = torch.cat([targets, targets.new_full((batch, 1), -100)], dim=1)  # (B, A + 1)
+        with _scoring_head(policy, head, shifted, backend):
+            out = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids,
+                         logits_to_keep=width_a + 1, use_cache=False)
+        logp, entropy = out.logits[:, :-1].unbind(-1)  # (B, A) each
+    else:
+        out = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids, logits_to_keep=width_a + 1,
+                     use_cache=False)
+        logits = out.logits[:, :-1]  # (B, A, V): position S-1+h predicts action token h
+        if constraint is not None:
+            allowed = constraint.masks_for(action_ids, action_len)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        logp, entropy = token_logprobs_and_entropy(
+            logits.reshape(batch * width_a, -1), targets.reshape(-1), ignore_index=-100, backend=backend
+        )
+    logp = logp.reshape(batch, width_a)
+    entropy = entropy.reshape(batch, width_a)
     out = (logp if per_token else logp.sum(-1)), entropy, scored
     return (*out, torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)) if log_distribution else out

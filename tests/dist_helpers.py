@@ -161,6 +161,46 @@ def _weight_sync_check(rank: int, world_size: int) -> dict:
     }
 
 
+def _fused_head_check(rank: int, world_size: int) -> dict:
+    """Unconstrained utterance log-probs on an FSDP2-sharded policy: the fused LM head (run inside the
+    root forward, head unsharded by FSDP2) against the materialised logits, values and gradients."""
+    from torch.distributed.tensor import DTensor
+
+    import fastarcher.policy as policy_module
+    from fastarcher.model import transformer_blocks
+    from fastarcher.parallel import data_parallel_mesh, parallelize
+
+    device = torch.device("cpu")
+    mesh = data_parallel_mesh(device, world_size)
+    data = torch.Generator().manual_seed(2000 + rank)
+    state_ids, state_len = torch.randint(3, 200, (3, 6), generator=data), torch.tensor([6, 2, 4])
+    action_ids, action_len = torch.randint(3, 200, (3, 4), generator=data), torch.tensor([4, 1, 3])
+    calls = []
+    real = policy_module.linear_token_logprobs_and_entropy
+    policy_module.linear_token_logprobs_and_entropy = lambda *a, **k: calls.append(1) or real(*a, **k)
+    out = {}
+    try:
+        for fused in (True, False):
+            policy, tokenizer = tiny_policy(torch.float64, seed=0, init_std=0.3)
+            parallelize(policy, transformer_blocks(policy), mesh)
+            logp_sum, entropy, _ = policy_module.action_logprobs(policy, state_ids, state_len, action_ids, action_len,
+                                                                 pad_id=tokenizer.pad_token_id, fused_head=fused)
+            (logp_sum.sum() + 0.1 * entropy.sum()).backward()
+            grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in policy.named_parameters()}
+            out[fused] = (logp_sum.detach(), entropy.detach(), grads, type(policy.lm_head).__name__)
+    finally:
+        policy_module.linear_token_logprobs_and_entropy = real
+    (f_sum, f_ent, f_grads, head_type), (u_sum, u_ent, u_grads, _) = out[True], out[False]
+    return {
+        "fused_calls": len(calls),
+        "head_type_after": head_type,
+        "logp_max_diff": float((f_sum - u_sum).abs().max()),
+        "entropy_max_diff": float((f_ent - u_ent).abs().max()),
+        "grad_max_diff": max(float((f_grads[n] - u_grads[n]).abs().max()) for n in u_grads),
+        "grad_min_norm": min(float(u_grads[n].norm()) for n in u_grads),
+    }
+
+
 def _metrics_check(rank: int, world_size: int) -> dict:
     from fastarcher.metrics import reduce_metrics
 
@@ -178,7 +218,8 @@ def _main(out_dir: str) -> None:
     info = init_distributed("cpu")
     try:
         result = {"world_size": info.world_size, "weight_sync": _weight_sync_check(info.rank, info.world_size),
-                  "metrics": _metrics_check(info.rank, info.world_size)}
+                  "metrics": _metrics_check(info.rank, info.world_size),
+                  "fused_head": _fused_head_check(info.rank, info.world_size)}
         Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
     finally:
         shutdown_distributed()

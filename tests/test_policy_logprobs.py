@@ -4,7 +4,7 @@ log_softmax (after the constraint mask), gather, sum — values, token entropies
 import pytest
 import torch
 
-from dist_helpers import tiny_policy
+from dist_helpers import dist_check_results, tiny_policy
 from fastarcher.policy import action_logprobs, left_align
 from fastarcher.rollout.base import ActionConstraint
 
@@ -121,3 +121,68 @@ def test_result_does_not_depend_on_padding_width(model):
         b, entropy, mask = action_logprobs(model, wide_s, state_len, wide_a, action_len, pad_id=PAD)
     assert torch.allclose(a, b, atol=1e-10)
     assert mask.shape == (4, 8) and (entropy[:, 5:] == 0).all()
+
+
+def test_unconstrained_scoring_fuses_the_head_and_equals_the_logits_path(model, monkeypatch):
+    """Without a constraint the LM head is fused with the log-prob (no (B, A, V) logits); values and
+    gradients equal fused_head=False, and the naive reference."""
+    import fastarcher.policy as policy_module
+
+    calls = []
+    real = policy_module.linear_token_logprobs_and_entropy
+    monkeypatch.setattr(policy_module, "linear_token_logprobs_and_entropy",
+                        lambda hidden, *a, **k: calls.append(hidden.shape) or real(hidden, *a, **k))
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    results = {}
+    for fused in (True, False):
+        model.zero_grad()
+        logp_sum, entropy, mask = action_logprobs(model, *batch(), pad_id=PAD, fused_head=fused)
+        ((weights * logp_sum).sum() + 0.1 * entropy.sum()).backward()
+        results[fused] = (logp_sum.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    model.zero_grad()
+    assert calls == [(4, 6, model.config.hidden_size)]  # once, on the A + 1 kept positions
+    assert isinstance(model.lm_head, torch.nn.Linear)  # the real head is back
+    (fused_sum, fused_entropy, fused_grads), (sum_, entropy_, grads) = results[True], results[False]
+    assert torch.allclose(fused_sum, sum_, atol=1e-10) and torch.allclose(fused_entropy, entropy_, atol=1e-10)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(fused_grads[name], grad, atol=1e-10, rtol=1e-8), name
+    for b, (ref_sum, _, _) in enumerate(naive(model)):
+        assert fused_sum[b].item() == pytest.approx(ref_sum.item(), abs=1e-9)
+
+
+def test_a_hooked_head_or_a_constraint_keeps_the_logits_path(model, monkeypatch):
+    import fastarcher.policy as policy_module
+
+    monkeypatch.setattr(policy_module, "linear_token_logprobs_and_entropy",
+                        lambda *a, **k: pytest.fail("the fused path ran"))
+    constraint = ActionConstraint(ACTIONS, model.config.vocab_size)
+    with torch.no_grad():
+        action_logprobs(model, *batch(), pad_id=PAD, constraint=constraint)
+        handle = model.lm_head.register_forward_hook(lambda *args: None)  # e.g. a trace on the head
+        try:
+            action_logprobs(model, *batch(), pad_id=PAD)
+        finally:
+            handle.remove()
+
+
+def test_the_real_head_is_restored_when_the_forward_fails(model, monkeypatch):
+    import fastarcher.policy as policy_module
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(policy_module, "linear_token_logprobs_and_entropy", boom)
+    head = model.lm_head
+    with pytest.raises(RuntimeError, match="kernel failed"), torch.no_grad():
+        action_logprobs(model, *batch(), pad_id=PAD)
+    assert model.lm_head is head
+
+
+def test_fused_head_on_an_fsdp2_sharded_policy_equals_the_logits_path():
+    """2 processes (gloo), FSDP2 over the blocks and the root: the head is sharded until the root forward."""
+    for rank in dist_check_results():
+        check = rank["fused_head"]
+        assert check["fused_calls"] == 1 and check["head_type_after"] == "Linear"
+        assert check["logp_max_diff"] < 1e-10 and check["entropy_max_diff"] < 1e-10
+        assert check["grad_min_norm"] > 0 and check["grad_max_diff"] < 1e-10
