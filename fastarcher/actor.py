@@ -23,11 +23,12 @@ class Actor:
     the tokenizer's pad and stop ids, the optional action constraint, and the traces of actor steps."""
 
     def __init__(self, policy: nn.Module, optimizer, engine, *, rollout_cfg, pad_id: int, stop_id: int,
-                 constraint: ActionConstraint | None, device, traces=None):
+                 constraint: ActionConstraint | None, device, traces=None, fused_head: bool = True):
         self.policy, self.optimizer, self.engine = policy, optimizer, engine
         self.rollout_cfg = rollout_cfg
         self.pad_id, self.stop_id, self.constraint, self.device = pad_id, stop_id, constraint, device
         self.traces = traces
+        self.fused_head = fused_head
 
     def sampling_params(self, greedy: bool = False) -> SamplingParams:
         r = self.rollout_cfg
@@ -54,7 +55,7 @@ class Actor:
         """Σ log π over the sampled tokens of each utterance (B,) and their entropy Σ_h H_h (B,)."""
         logprob_sum, token_entropy, action_mask = action_logprobs(
             self.policy, state_ids, state_len, action_ids, action_len, pad_id=self.pad_id, constraint=self.constraint,
-            sampled_len=sampled_len)
+            sampled_len=sampled_len, fused_head=self.fused_head)
         if trace is not None:  # a traced actor micro-batch: the entropy trace wants every token's entropy
             trace.set_token_entropy(token_entropy)
         # Utterance entropy: the sum of the per-token conditional entropies along the utterance (a
@@ -68,7 +69,7 @@ class Actor:
         log_distribution, the whole log π(·|s, a_<h) (B, A, V); log π is 0 off the scored tokens."""
         return action_logprobs(self.policy, state_ids, state_len, action_ids, action_len, pad_id=self.pad_id,
                                constraint=self.constraint, per_token=True, sampled_len=sampled_len,
-                               log_distribution=log_distribution)
+                               log_distribution=log_distribution, fused_head=self.fused_head)
 
     def sync_engine(self) -> float:
         """Copy the policy's weights into the rollout engine; returns the seconds it took."""

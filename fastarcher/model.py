@@ -46,6 +46,10 @@ class ModelConfig:
     that raises an action's logit does not also move how that token reads when it is in the history."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype of the policy (training keeps optimizer math in this dtype)."""
+    fused_head: bool = True
+    """Training scores unconstrained utterances with the LM head fused into the log-prob (chunked, no
+    (B, A, V) logits): 1.7x less step memory at vocabulary 32k, 2.9x at 128k, the same time at 32k and
+    0.8x at 128k on CPU (the backward recomputes the logits). Constrained actions always use the logits."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):

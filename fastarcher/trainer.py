@@ -105,7 +105,8 @@ class Trainer:
             sequences = [encode(tokenizer, a) + [self.stop_id] for a in choices]
             self.constraint = ActionConstraint(sequences, len(tokenizer))  # fits max_new_tokens (check_env_fits)
         self.actor = Actor(self.policy, self.actor_opt, self.engine, rollout_cfg=cfg.rollout, pad_id=self.pad_id,
-                           stop_id=self.stop_id, constraint=self.constraint, device=self.device)
+                           stop_id=self.stop_id, constraint=self.constraint, device=self.device,
+                           fused_head=cfg.model.fused_head)
 
         # Per-rank random streams, all derived from the one seed: fresh-action sampling, replay sampling,
         # demonstration picks, minibatch orders of on-policy updates.

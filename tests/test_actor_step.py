@@ -166,3 +166,8 @@ def test_reinforce_scores_the_sampled_tokens_of_cut_rollout_utterances_only(tmp_
     assert torch.allclose(got, expected, rtol=0, atol=1e-5), (got, expected)
     assert not torch.allclose(got, closed, rtol=0, atol=1e-3)  # the appended stop tokens would have counted
     trainer.logger.close()
+
+
+def test_model_fused_head_flag_reaches_the_actor(tmp_path):
+    assert make_trainer(tmp_path / "a").actor.fused_head is True
+    assert make_trainer(tmp_path / "b", "--model.no-fused-head").actor.fused_head is False
