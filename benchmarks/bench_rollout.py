@@ -174,6 +174,7 @@ def test_rollout_turns(benchmark, ratio_table, engines, model, turns, provider):
 
 @pytest.mark.parametrize("which", ["all_logits", "last_logits"])
 def test_prefill_logits_only_where_read(benchmark, ratio_table, which):
+    """Time in process, peak memory in a fresh one."""
     benchmark.group = "engine prefill 64x256 vocab 32k"
     engine = build_engine("preset", vocab=32_000, max_positions=512)
     if which == "all_logits":
