@@ -149,3 +149,31 @@ def test_play_episodes_with_and_without_the_cache_play_the_same_episodes(env):
     assert max(len(e.turns) for e in plain.episodes) > 1
     # Every turn after the first reuses its whole previous state.
     assert cached.reused_tokens >= sum(len(t.state) for e in cached.episodes for t in e.turns[:-1])
+
+
+def test_a_cache_that_does_not_keep_every_position_is_not_reused(model, monkeypatch):
+    """Sliding-window or quantised layers (not plain DynamicLayer): rows are not stored, every turn is
+    prefilled again, and the results stay those of the plain engine."""
+    import fastarcher.rollout.hf_engine as hf_engine
+
+    monkeypatch.setattr(hf_engine, "_plain_layers", lambda cache: False)
+    params = SamplingParams(greedy=True, max_new_tokens=3, stop_token_id=-1)
+    plain, _ = run_dialogues(engine_of(model), params, cached=False)
+    engine = engine_of(model)
+    session = engine.open_dialogues()
+    out = session.generate([0, 1], [PROMPTS[0], PROMPTS[1]], params)
+    assert len(session) == 0 and out.token_ids == [plain[0][1][0], plain[0][1][1]]
+
+
+def test_plain_layers_accepts_the_engine_cache_and_refuses_a_sliding_one(model):
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from fastarcher.rollout.hf_engine import _plain_layers
+
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values
+    assert _plain_layers(cache)
+    assert not _plain_layers(DynamicCache())
+    cache.layers[0].__class__ = DynamicSlidingWindowLayer
+    assert not _plain_layers(cache)

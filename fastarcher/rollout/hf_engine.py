@@ -53,8 +53,8 @@ def _batch_cache(rows: list[RowCache | None], device: torch.device):
     from transformers import DynamicCache
 
     width = max(len(r.tokens) if r else 0 for r in rows)
-    num_layers, _, heads, _, dim = next(r for r in rows if r).kv.shape
     template = next(r for r in rows if r).kv
+    num_layers, _, heads, _, dim = template.shape
     buf = template.new_zeros(len(rows), num_layers, 2, heads, width, dim)
     mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     for b, row in enumerate(rows):
@@ -69,8 +69,10 @@ def _plain_layers(cache) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers) and \
-        len({tuple(layer.keys.shape[1:]) for layer in layers}) == 1 == len({tuple(layer.values.shape[1:]) for layer in layers})
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return False
+    shapes = {(tuple(layer.keys.shape[1:]), tuple(layer.values.shape[1:])) for layer in layers}
+    return len(shapes) == 1  # rows are stored with every layer stacked
 
 
 def _split_cache(cache, mask: Tensor, fed: list[list[int] | None]) -> list[RowCache | None]:
