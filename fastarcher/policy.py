@@ -13,10 +13,10 @@ never exist. It runs inside the model's own forward, so an FSDP2-sharded head is
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import torch
 from torch import Tensor, nn
-
-from contextlib import contextmanager
 
 from fastarcher.logprobs import linear_token_logprobs_and_entropy, token_logprobs_and_entropy
 from fastarcher.rollout.base import ActionConstraint
@@ -98,17 +98,15 @@ def action_logprobs(
     scored = action_mask if sampled_len is None else positions_a[None, :] < sampled_len[:, None]  # (B, A)
     targets = action_ids.masked_fill(~scored, -100)
     head = fusable_head(policy) if fused_head and constraint is None and not log_distribution else None
-    if head is not None:
-        # position S-1+h predicts action token h; the last kept position predicts nothing
-        shifted = torch.cat([targets, targets.new_full((batch, 1), -100)], dim=1)  # (B, A + 1)
-        with _scoring_head(policy, head, shifted, backend):
-            out = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids,
-                         logits_to_keep=width_a + 1, use_cache=False)
-        logp, entropy = out.logits[:, :-1].unbind(-1)  # (B, A) each
-    else:
+    # position S-1+h predicts action token h; the last kept position predicts nothing
+    shifted = None if head is None else torch.cat([targets, targets.new_full((batch, 1), -100)], dim=1)  # (B, A + 1)
+    with nullcontext() if head is None else _scoring_head(policy, head, shifted, backend):
         out = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids, logits_to_keep=width_a + 1,
                      use_cache=False)
-        logits = out.logits[:, :-1]  # (B, A, V): position S-1+h predicts action token h
+    if head is not None:
+        logp, entropy = out.logits[:, :-1].unbind(-1)  # (B, A) each, from the ScoringHead
+    else:
+        logits = out.logits[:, :-1]  # (B, A, V)
         if constraint is not None:
             allowed = constraint.masks_for(action_ids, action_len)
             logits = logits.masked_fill(~allowed, float("-inf"))

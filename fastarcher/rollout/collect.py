@@ -159,12 +159,13 @@ def play_episodes(
         live = runner.live_indices()
         if not live:
             break
-        if dialogues is not None:
-            dialogues.keep_only(live)  # free finished episodes' keys/values
-            out = dialogues.generate(live, [states[i] for i in live], params, generator)
-        elif engine is not None:
-            out = engine.generate([states[i] for i in live], params, generator)
         if engine is not None:
+            prompts = [states[i] for i in live]
+            if dialogues is not None:
+                dialogues.keep_only(live)  # free finished episodes' keys/values
+                out = dialogues.generate(live, prompts, params, generator)
+            else:
+                out = engine.generate(prompts, params, generator)
             actions = out.token_ids
             result.engine_calls += out.num_calls
             result.generated_tokens += sum(len(a) for a in actions)
