@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
+from measure import interleaved_medians, run_worker, vm_hwm_mib
 
 from fastarcher.model import ModelConfig, build_builtin_model
 from fastarcher.policy import action_logprobs
@@ -47,18 +44,8 @@ def build(vocab: int):
     return step
 
 
-def _vm_hwm_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def peak_mib(vocab: int, provider: str) -> float:
-    out = subprocess.run([sys.executable, __file__, "--memory-worker", provider, "--vocab", str(vocab)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["step_mib"]
+    return run_worker(__file__, "--memory-worker", provider, "--vocab", str(vocab))["step_mib"]
 
 
 def report(rounds: int) -> None:
@@ -67,15 +54,7 @@ def report(rounds: int) -> None:
           f"2 layers, float32, 1 thread; medians of {rounds} interleaved rounds")
     for vocab in VOCABS:
         step = build(vocab)
-        times: dict[str, list[float]] = {p: [] for p in PROVIDERS}
-        for p in PROVIDERS:
-            step(p)
-        for _ in range(rounds):
-            for p in PROVIDERS:
-                start = time.perf_counter()
-                step(p)
-                times[p].append(time.perf_counter() - start)
-        med = {p: statistics.median(v) for p, v in times.items()}
+        med = interleaved_medians({p: (lambda p=p: step(p)) for p in PROVIDERS}, rounds)
         peaks = {p: peak_mib(vocab, p) for p in PROVIDERS}
         print(f"vocab {vocab}: logits {med['logits'] * 1e3:.0f} ms, {peaks['logits']:.0f} MiB; fused "
               f"{med['fused'] * 1e3:.0f} ms, {peaks['fused']:.0f} MiB; time ratio {med['logits'] / med['fused']:.2f}x, "
@@ -110,8 +89,8 @@ if __name__ == "__main__":
     if args.memory_worker:
         torch.set_num_threads(1)
         step_fn = build(args.vocab)
-        before = _vm_hwm_mib()  # no warm-up: it would set the high-water mark itself
+        before = vm_hwm_mib()  # no warm-up: it would set the high-water mark itself
         step_fn(args.memory_worker)
-        print(json.dumps({"step_mib": _vm_hwm_mib() - before}))
+        print(json.dumps({"step_mib": vm_hwm_mib() - before}))
     else:
         report(args.rounds)

@@ -23,13 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
+from measure import interleaved_medians, run_worker, vm_hwm_mib
 
 from fastarcher.model import ModelConfig, build_builtin_model
 from fastarcher.rollout.base import SamplingParams
@@ -82,30 +79,8 @@ def _hf_generate(model, prompts: list[list[int]]) -> list[list[int]]:
     return out[:, width:].tolist()
 
 
-def interleaved_medians(fns: dict, rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def prefill_peak_mib(which: str) -> float:
-    out = subprocess.run([sys.executable, __file__, "--prefill-worker", which], capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["prefill_mib"]
-
-
-def _vm_hwm_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return run_worker(__file__, "--prefill-worker", which)["prefill_mib"]
 
 
 def _prefill_worker(which: str) -> None:
@@ -116,9 +91,9 @@ def _prefill_worker(which: str) -> None:
     prompts = [[5 + (k + j) % 1000 for j in range(256)] for k in range(64)]
     params = SamplingParams(greedy=True, max_new_tokens=1, stop_token_id=-1)
     engine.generate(prompts[:2], params)  # warm-up at a small size
-    before = _vm_hwm_mib()
+    before = vm_hwm_mib()
     engine.generate(prompts, params)
-    print(json.dumps({"prefill_mib": _vm_hwm_mib() - before}))
+    print(json.dumps({"prefill_mib": vm_hwm_mib() - before}))
 
 
 def report(rounds: int, threads: int) -> None:

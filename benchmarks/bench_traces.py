@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
 import torch
+from measure import run_worker, vm_hwm_mib
 
 from fastarcher.traces import InfluenceTraceConfig, InfluenceTracer
 from fastarcher.traces.testing import policy_gradient_loss, shift_logprobs, tiny_causal_lm
@@ -87,19 +86,8 @@ def interleaved_medians(steps: dict, rounds: int) -> dict[str, tuple[float, floa
     return {name: (statistics.median(cpu[name]), statistics.median(wall[name])) for name in steps}
 
 
-def _vm_hwm_mib() -> float:
-    """High-water RSS of this process image (VmHWM; unlike ru_maxrss it does not inherit the parent's)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def peak_rss_mib(variant: str, threads: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--memory-worker", variant, "--threads", str(threads)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    return run_worker(__file__, "--memory-worker", variant, "--threads", str(threads))["peak_rss_mib"]
 
 
 def report(rounds: int, threads: int) -> list[dict]:
@@ -157,6 +145,6 @@ if __name__ == "__main__":
             step_fn, _, _ = build(args.memory_worker, run_dir)
             for _ in range(2):
                 step_fn()
-        print(json.dumps({"peak_rss_mib": _vm_hwm_mib()}))
+        print(json.dumps({"peak_rss_mib": vm_hwm_mib()}))
     else:
         report(args.rounds, args.threads)
