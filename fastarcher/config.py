@@ -649,8 +649,9 @@ def load_preset(path: str | Path) -> TrainConfig:
     cfg = _merge(TrainConfig(), values, "")
     if cfg.env.max_turns is not None:
         # A preset is shared: its turn limit must not follow `--env.name` onto another env.
+        where = "env.options.max_turns" if cfg.env.user_env else f"env.{cfg.env.name}.max_turns"
         raise ValueError(f"config key 'env.max_turns' ({cfg.env.max_turns}) in preset {str(path)!r} would apply to "
-                         f"any env that --env.name picks: set env.{cfg.env.name}.max_turns in the preset instead")
+                         f"any env that --env.name picks: set {where} in the preset instead")
     return dataclasses.replace(cfg, config=str(path))
 
 

@@ -12,6 +12,7 @@ the run with one line naming the field, printed by rank 0 only, and exit status 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import io
 import json
 import os
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     from fastarcher.dist import exit_with_launcher
 
     exit_with_launcher()  # first: a worker must never outlive a killed torchrun
+    if not faulthandler.is_enabled():
+        faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT) prints where Python was
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = parse_config(argv)

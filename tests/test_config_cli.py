@@ -183,7 +183,7 @@ def test_unknown_env_name_on_the_command_line_lists_the_choices(tmp_path, no_tra
         main(["--env.name", "chess", "--log.run-dir", str(tmp_path / "run")])
     assert info.value.code == 2
     err = re.sub(r"[\s│]+", " ", capsys.readouterr().err)
-    assert "'chess'" in err and "--env.name" in err and "guess_number" in err
+    assert "env.name ('chess') must be one of guess_number" in err and "'package.module:ClassName'" in err
     assert not (tmp_path / "run").exists()
 
 

@@ -6,14 +6,15 @@
     obs, reward, done, info = env.step("8")        # "higher\\n", 0.0, False, {...}
 
 Environments (docs/envs.md describes texts, rewards and measured baselines): guess_number,
-twenty_questions, frozenlake, sokoban. `BatchedEnvRunner` (fastarcher/envs/runner.py) steps many.
+twenty_questions, frozenlake, sokoban; or one of your own by import path, `package.module:ClassName`
+(fastarcher/envs/user.py, docs/custom_env.md). `BatchedEnvRunner` (fastarcher/envs/runner.py) steps many.
 `python -m fastarcher.envs.evaluate` measures the random and oracle policies of each env.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 from fastarcher.envs import frozenlake, guess_number, sokoban, twenty_questions
 from fastarcher.envs.base import Env, check_positive, split_words
@@ -21,8 +22,8 @@ from fastarcher.envs.frozenlake import FrozenLake, FrozenLakeConfig
 from fastarcher.envs.guess_number import GuessNumber, GuessNumberConfig
 from fastarcher.envs.sokoban import Sokoban, SokobanConfig
 from fastarcher.envs.twenty_questions import TwentyQuestions, TwentyQuestionsConfig
+from fastarcher.envs.user import is_import_path, make_user_env
 
-EnvName = Literal["guess_number", "twenty_questions", "frozenlake", "sokoban"]
 ENV_NAMES: tuple[str, ...] = ("guess_number", "twenty_questions", "frozenlake", "sokoban")
 
 _ENV_CLASSES = {
@@ -37,10 +38,14 @@ _ENV_CLASSES = {
 class EnvConfig:
     """Which environment to run, and the settings of each."""
 
-    name: EnvName = "guess_number"
-    """Environment: guess_number, twenty_questions, frozenlake or sokoban."""
+    name: str = "guess_number"
+    """Environment: guess_number, twenty_questions, frozenlake, sokoban, or your own class by import path,
+    `package.module:ClassName` (docs/custom_env.md)."""
     max_turns: int | None = None
     """Turns per episode for the chosen env (None: that env's own max_turns)."""
+    options: dict[str, int | float | bool | str] = field(default_factory=dict)
+    """Keyword arguments for your own env class's constructor (`--env.options size 5 label x`); only with
+    an import-path env.name."""
     guess_number: GuessNumberConfig = field(default_factory=GuessNumberConfig)
     """Settings used when name is guess_number."""
     twenty_questions: TwentyQuestionsConfig = field(default_factory=TwentyQuestionsConfig)
@@ -55,16 +60,29 @@ class EnvConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field, value and rule when the config is unusable."""
-        if self.name not in ENV_NAMES:
-            raise ValueError(f"env.name ({self.name!r}) must be one of {', '.join(ENV_NAMES)}")
         if self.max_turns is not None:
             check_positive("env.max_turns", self.max_turns)
+        if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
+            raise ValueError(f"env.options ({self.options!r}) must map argument names to values")
+        if self.user_env:
+            return  # imported and checked by make_env, which the trainer's config check calls before any work
+        if self.name not in ENV_NAMES:
+            raise ValueError(f"env.name ({self.name!r}) must be one of {', '.join(ENV_NAMES)}, or an import path "
+                             f"'package.module:ClassName' of your own env class")
+        if self.options:
+            raise ValueError(f"env.options ({self.options!r}) are arguments for an env class of your own; the "
+                             f"built-in env {self.name!r} takes env.{self.name}.* settings instead")
         try:
             self.env_config().validate()
         except ValueError as error:
             if self.max_turns is None:
                 raise
             raise ValueError(f"{error} (env.max_turns ({self.max_turns}) overrides env.{self.name}.max_turns)") from None
+
+    @property
+    def user_env(self) -> bool:
+        """Whether `name` is an import path to an env class of the user's own."""
+        return is_import_path(self.name)
 
     def env_config(self):
         """The chosen env's sub-config with the `max_turns` override applied (a copy when overridden)."""
@@ -77,6 +95,8 @@ class EnvConfig:
 def make_env(cfg: EnvConfig) -> Env:
     """Build the environment that `cfg.name` selects (validated first)."""
     cfg.validate()
+    if cfg.user_env:
+        return make_user_env(cfg.name, cfg.options, cfg.max_turns)
     return _ENV_CLASSES[cfg.name](cfg.env_config())
 
 
