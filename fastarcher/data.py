@@ -1,0 +1,178 @@
+"""Question/answer datasets from JSON files, checked record by record, and a resumable shuffled order.
+
+A file is a JSON list of objects (`.json`) or one object per line (`.jsonl`; blank lines are skipped).
+Each object needs `question` (a non-empty string) and `answer` (a string or a number); every other field
+is kept and reaches the reward function. Any problem stops loading with the file, the line and the
+field: a missing file, invalid JSON, an empty file, a record that is not an object, a missing field or
+one of the wrong type. Files are parsed as plain JSON data: nothing in them is ever executed.
+
+`EpochSampler` hands out record indices in a fresh permutation each epoch, drawn from (seed, epoch), so
+its whole state is three integers (`state_dict`) and a resumed run continues the same order exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class DatasetError(ValueError):
+    """A dataset file that cannot be used; the message names file, line and field."""
+
+
+@dataclass(frozen=True)
+class Record:
+    question: str
+    answer: str
+    fields: dict[str, Any]
+    """The record's other fields (for the reward)."""
+    source: str
+    """`file:line` where the record starts, for messages."""
+
+
+def _line_of(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def _json_list_items(text: str, path: str) -> list[tuple[int, Any]]:
+    """(line, value) of each element of the JSON list in `text`, so errors can name the line."""
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if pos == len(text):
+        raise DatasetError(f"{path}: the file is empty")
+    if text[pos] != "[":
+        raise DatasetError(f"{path}:{_line_of(text, pos)}: a .json dataset must be a list of objects "
+                           f"(use .jsonl for one object per line)")
+    pos += 1
+    items: list[tuple[int, Any]] = []
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos < len(text) and text[pos] == "]" and not items:
+            break
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{path}:{error.lineno}: invalid JSON: {error.msg} (column {error.colno})") from None
+        items.append((_line_of(text, pos), value))
+        pos = end
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+            continue
+        if pos < len(text) and text[pos] == "]":
+            break
+        raise DatasetError(f"{path}:{_line_of(text, pos)}: invalid JSON: expected ',' or ']' after a record")
+    rest = text[pos + 1:]
+    if rest.strip():
+        offset = pos + 1 + (len(rest) - len(rest.lstrip()))
+        raise DatasetError(f"{path}:{_line_of(text, offset)}: invalid JSON: extra data after the list")
+    return items
+
+
+def _jsonl_items(text: str, path: str) -> list[tuple[int, Any]]:
+    items = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append((number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{path}:{number}: invalid JSON: {error.msg} (column {error.colno})") from None
+    return items
+
+
+def _record(value: Any, where: str) -> Record:
+    if not isinstance(value, dict):
+        raise DatasetError(f"{where}: a record must be a JSON object, got {type(value).__name__}")
+    for name in ("question", "answer"):
+        if name not in value:
+            raise DatasetError(f"{where}: field '{name}' is missing (fields: {', '.join(map(repr, value)) or 'none'})")
+    question, answer = value["question"], value["answer"]
+    if not isinstance(question, str) or not question.strip():
+        raise DatasetError(f"{where}: field 'question' must be a non-empty string, got {question!r:.60}")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise DatasetError(f"{where}: field 'answer' must be a string or a number, got {type(answer).__name__}")
+    fields = {k: v for k, v in value.items() if k not in ("question", "answer")}
+    return Record(question=question, answer=str(answer), fields=fields, source=where)
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Every record of one .json or .jsonl file, checked (DatasetError names file, line and field)."""
+    path = Path(path)
+    shown = str(path)
+    if path.suffix not in (".json", ".jsonl"):
+        raise DatasetError(f"{shown}: a dataset file must end in .json (a list of objects) or .jsonl (one per line)")
+    if not path.is_file():
+        raise DatasetError(f"{shown}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{shown}: not UTF-8 text (byte {error.start})") from None
+    items = _json_list_items(text, shown) if path.suffix == ".json" else _jsonl_items(text, shown)
+    if not items:
+        raise DatasetError(f"{shown}: holds no records")
+    return [_record(value, f"{shown}:{line}") for line, value in items]
+
+
+def load_dataset(paths: list[str]) -> list[Record]:
+    """The records of several files, in the order given."""
+    if not paths:
+        raise DatasetError("no dataset files given")
+    return [record for path in paths for record in load_records(path)]
+
+
+def fingerprint(records: list[Record]) -> str:
+    """A short hash of the questions and answers, stored with a sampler's state to catch a changed dataset."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps([record.question, record.answer]).encode())
+    return digest.hexdigest()[:16]
+
+
+class EpochSampler:
+    """Indices 0..size-1, reshuffled each epoch from (seed, epoch) (or in file order with shuffle off)."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, data_fingerprint: str = ""):
+        if size < 1:
+            raise ValueError(f"sampler size ({size}) must be positive")
+        self.size, self.seed, self.shuffle, self.fingerprint = size, seed, shuffle, data_fingerprint
+        self.epoch, self.cursor = 0, 0
+        self._order = self._order_of(0)
+
+    def _order_of(self, epoch: int) -> list[int]:
+        order = list(range(self.size))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order
+
+    def take(self, count: int) -> list[int]:
+        """The next `count` indices, crossing into the next epoch (a new permutation) when one runs out."""
+        out = []
+        while len(out) < count:
+            if self.cursor == self.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._order_of(self.epoch)
+            step = min(count - len(out), self.size - self.cursor)
+            out.extend(self._order[self.cursor:self.cursor + step])
+            self.cursor += step
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "size": self.size, "seed": self.seed,
+                "shuffle": self.shuffle, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("size", "seed", "shuffle", "fingerprint"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"dataset sampler: the checkpoint was made with {key} {state.get(key)!r}, this run "
+                                 f"has {getattr(self, key)!r} (the dataset files or seed changed since)")
+        epoch, cursor = state.get("epoch"), state.get("cursor")
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(cursor, int) and 0 <= cursor <= self.size):
+            raise ValueError(f"dataset sampler: bad position in the checkpoint (epoch {epoch!r}, cursor {cursor!r})")
+        self.epoch, self.cursor = epoch, cursor
+        self._order = self._order_of(epoch)
