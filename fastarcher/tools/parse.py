@@ -1,0 +1,128 @@
+"""Reading a tool call or a final answer out of one model utterance, in two formats.
+
+ReAct (`parse_react`):
+
+    Thought: I should add them.          (optional, ignored)
+    Action: calculator
+    Action Input: 2 + 3                  (text for a one-argument tool, or a JSON object)
+
+    Final Answer: 5
+
+JSON (`parse_json_call`): `{"name": "calculator", "arguments": {"expression": "2 + 3"}}` anywhere in the
+utterance (in a code fence or <tool_call> tags too; `arguments` may itself be a JSON string), or
+`{"answer": "5"}`.
+
+Malformed output never raises: it comes back as `Unparsed(reason)`, which the environment shows the agent
+as an observation. The first call in an utterance counts; text around it is ignored.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Union
+
+from fastarcher.tools.base import Tool, ToolCall
+
+
+@dataclass(frozen=True)
+class FinalAnswer:
+    text: str
+
+
+@dataclass(frozen=True)
+class Unparsed:
+    reason: str
+
+
+Parsed = Union[ToolCall, FinalAnswer, Unparsed]
+
+_REACT_ACTION = re.compile(r"^[ \t]*action[ \t]*:[ \t]*(.*?)[ \t]*$", re.I | re.M)
+_REACT_INPUT = re.compile(r"^[ \t]*action[ \t]*input[ \t]*:[ \t]*(.*)", re.I | re.M | re.S)
+_REACT_FINAL = re.compile(r"^[ \t]*final[ \t]*answer[ \t]*:[ \t]*(.*)", re.I | re.M | re.S)
+
+
+def _single_argument(tool: Tool | None, text: str) -> dict | None:
+    if tool is not None and len(tool.parameters) == 1:
+        return {next(iter(tool.parameters)): text}
+    return None
+
+
+def parse_react(text: str, tools: dict[str, Tool]) -> Parsed:
+    if not isinstance(text, str) or not text.strip():
+        return Unparsed("empty reply: write 'Action: <tool>' and 'Action Input: ...', or 'Final Answer: ...'")
+    final, action = _REACT_FINAL.search(text), _REACT_ACTION.search(text)
+    if final and (action is None or final.start() < action.start()):
+        answer = final.group(1).strip()
+        return FinalAnswer(answer) if answer else Unparsed("'Final Answer:' is empty")
+    if action is None:
+        return Unparsed("no 'Action:' line and no 'Final Answer:'")
+    name = action.group(1).strip().strip("`'\"").lower()
+    if not name:
+        return Unparsed("'Action:' names no tool")
+    given = _REACT_INPUT.search(text, action.end())
+    if given is None:
+        return Unparsed(f"no 'Action Input:' after 'Action: {name}'")
+    raw = given.group(1)
+    # stop at a following Observation/Thought/Action line the model wrote itself
+    raw = re.split(r"^\s*(?:observation|thought|action)\s*:", raw, maxsplit=1, flags=re.I | re.M)[0].strip()
+    raw = raw.strip("`").strip()
+    if raw.startswith("{"):
+        try:
+            arguments = json.loads(raw)
+        except json.JSONDecodeError as error:
+            return Unparsed(f"'Action Input' is not valid JSON: {error.msg}")
+        if not isinstance(arguments, dict):
+            return Unparsed("'Action Input' JSON must be an object")
+        return ToolCall(name, arguments)
+    arguments = _single_argument(tools.get(name), raw)
+    if arguments is None:
+        if name not in tools:
+            return ToolCall(name, {})  # run_tool answers with the list of tools
+        return Unparsed(f"{name} takes several arguments: give 'Action Input' as a JSON object")
+    return ToolCall(name, arguments)
+
+
+def _first_object(text: str) -> tuple[dict | None, str]:
+    """The first JSON object in text (or the reason there is none)."""
+    decoder = json.JSONDecoder()
+    start, reason = text.find("{"), "no JSON object in the reply"
+    while start >= 0:
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError as error:
+            reason = f"the JSON object does not parse: {error.msg}"
+        else:
+            if isinstance(value, dict):
+                return value, ""
+        start = text.find("{", start + 1)
+    return None, reason
+
+
+def parse_json_call(text: str, tools: dict[str, Tool]) -> Parsed:
+    if not isinstance(text, str) or not text.strip():
+        return Unparsed('empty reply: write {"name": ..., "arguments": {...}} or {"answer": ...}')
+    value, reason = _first_object(text)
+    if value is None:
+        return Unparsed(reason)
+    if "answer" in value and "name" not in value:
+        answer = value["answer"]
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+            return Unparsed('"answer" must be a non-empty string or number')
+        return FinalAnswer(str(answer).strip())
+    name = value.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return Unparsed('the call needs "name", a tool name (or give {"answer": ...})')
+    arguments = value.get("arguments", {})
+    if isinstance(arguments, str):  # arguments encoded as a JSON string
+        try:
+            arguments = json.loads(arguments) if arguments.strip().startswith("{") else \
+                _single_argument(tools.get(name.strip()), arguments)
+        except json.JSONDecodeError as error:
+            return Unparsed(f'"arguments" string is not valid JSON: {error.msg}')
+    if not isinstance(arguments, dict):
+        return Unparsed('"arguments" must be an object')
+    return ToolCall(name.strip(), arguments)
+
+
+ACTION_FORMATS = {"react": parse_react, "json": parse_json_call}
