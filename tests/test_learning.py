@@ -11,21 +11,39 @@ libraries learned at iteration 150). Seeded and deterministic on CPU: the same i
 numbers on every run of one install.
 """
 import json
+import re
+import warnings
 
 import pytest
 import yaml
 
 from dist_helpers import REPO, describe, run_torchrun
 
+NATIVE_CRASH = re.compile(r"Signal \d+ \((SIGSEGV|SIGBUS|SIGILL|SIGABRT)\) received")
+"""torchrun's report of a worker killed in native code, which no assertion of this file is about."""
+
+
+def run_preset(run_dir, seed: int):
+    return run_torchrun(["-m", "fastarcher.train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
+                         "--algo", "archer", "--device", "cpu", "--seed", str(seed),
+                         "--log.no-progress", "--checkpoint.no-export-hf", "--log.run-dir", str(run_dir)],
+                        timeout=1500)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1], ids=["tuned_seed0", "heldout_seed1"])
 def test_archer_tiny_preset_learns_frozenlake_with_two_processes(tmp_path, seed):
     run_dir = tmp_path / "run"
-    proc = run_torchrun(["-m", "fastarcher.train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
-                         "--algo", "archer", "--device", "cpu", "--seed", str(seed),
-                         "--log.no-progress", "--checkpoint.no-export-hf", "--log.run-dir", str(run_dir)],
-                        timeout=1500)
+    proc = run_preset(run_dir, seed)
+    crash = NATIVE_CRASH.search(proc.stderr) if proc.returncode != 0 else None
+    if crash:
+        # One CI run lost a worker to a SIGSEGV at iteration 89 that 10 reruns of the same seed did not
+        # repeat. Such a crash is rerun once, from scratch (the run is deterministic, so the numbers are the
+        # same), and reported with its Python stack (faulthandler) rather than hidden; a second crash fails.
+        warnings.warn(f"a worker died of {crash.group(1)}; rerunning seed {seed} once. Its output:\n"
+                      f"{proc.stderr[-4000:]}")
+        run_dir = tmp_path / "rerun"
+        proc = run_preset(run_dir, seed)
     assert proc.returncode == 0, describe(proc)
     summary = json.loads((run_dir / "summary.json").read_text())
     start, final = summary["start/eval_success_rate"], summary["final/eval_success_rate"]
