@@ -490,16 +490,21 @@ class TrainConfig:
             raises.append(f"--rollout.context-tokens from {r.context_tokens} to {sizes.max_obs}")
             if self.replay.max_state_len < sizes.max_obs:
                 raises.append(f"--replay.max-state-len from {self.replay.max_state_len} to {sizes.max_obs}")
+        if sizes.max_action is None and r.constrain_actions:
+            raise ValueError(f"env.name {env!r} takes free-form replies, not a fixed set of actions: pass "
+                             f"--rollout.no-constrain-actions")
         # Constrained decoding emits the stop token too; unconstrained, a cut utterance is closed after it.
-        action = sizes.max_action if r.constrain_actions else sizes.max_action - 1
+        action = 0 if sizes.max_action is None else sizes.max_action if r.constrain_actions else sizes.max_action - 1
         if r.max_new_tokens < action:
             raises.append(f"--rollout.max-new-tokens from {r.max_new_tokens} to {action}")
             least = action if r.constrain_actions else action + 1
             if self.replay.max_action_len < least:
                 raises.append(f"--replay.max-action-len from {self.replay.max_action_len} to {least}")
         if raises:
-            raise ValueError(f"env.name {env!r} has observations of up to {sizes.max_obs} tokens and actions of "
-                             f"up to {sizes.max_action} (stop token included); raise " + ", ".join(raises))
+            actions = "free-form replies" if sizes.max_action is None else \
+                f"actions of up to {sizes.max_action} (stop token included)"
+            raise ValueError(f"env.name {env!r} has observations of up to {sizes.max_obs} tokens and {actions}; "
+                             f"raise " + ", ".join(raises))
 
 
 def _check_model_files(path: str | None, gguf_file: str | None) -> None:

@@ -135,7 +135,7 @@ class Trainer:
 
         self.envs_per_rank = cfg.rollout.num_envs // info.world_size
         self.runner = BatchedEnvRunner(cfg.env, self.envs_per_rank)
-        self.eval_runner = BatchedEnvRunner(cfg.env, cfg.eval.episodes // info.world_size)
+        self.eval_runner = BatchedEnvRunner(cfg.env, cfg.eval.episodes // info.world_size, split="eval")
         wants_greedy = getattr(self.algorithm, "greedy_baseline", False)
         self.greedy_runner = (BatchedEnvRunner(cfg.env, self.envs_per_rank // cfg.rollout.group_size)
                               if wants_greedy else None)
@@ -165,8 +165,12 @@ class Trainer:
 
     def train_seeds(self) -> list[int]:
         """This rank's env seeds for the iteration: rollout.group_size episodes share each seed (a group)."""
-        base = self.cfg.seed * 10_000_019 + self.iteration * self.cfg.rollout.num_envs
-        first, size = self.info.rank * self.envs_per_rank, self.cfg.rollout.group_size
+        size = self.cfg.rollout.group_size
+        # Dataset envs read a seed as a place in their record order, which must have no gaps.
+        stride = self.cfg.rollout.num_envs // size if getattr(self.runner.envs[0], "dense_seeds", False) else \
+            self.cfg.rollout.num_envs
+        base = self.cfg.seed * 10_000_019 + self.iteration * stride
+        first = self.info.rank * self.envs_per_rank
         return [base + (first + k) // size for k in range(self.envs_per_rank)]
 
     def eval_seeds(self) -> list[int]:
@@ -220,7 +224,7 @@ class Trainer:
         rng = random.Random(self.cfg.seed + 31 * self.info.rank)
         n = self.cfg.eval.random_episodes // self.info.world_size
         seeds = [EVAL_SEED_OFFSET + self.cfg.seed * 100_003 + self.info.rank * n + k for k in range(n)]
-        result = play_episodes(BatchedEnvRunner(self.cfg.env, n), seeds, tokenizer=self.tokenizer,
+        result = play_episodes(BatchedEnvRunner(self.cfg.env, n, split="eval"), seeds, tokenizer=self.tokenizer,
                                stop_id=self.stop_id, picker=random_picker(rng))
         stats = result.stats("random")
         return reduce_metrics({k: v for k, v in stats.items() if not k.startswith("count/")}, self.info.world_size)

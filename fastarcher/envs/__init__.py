@@ -20,17 +20,22 @@ from fastarcher.envs import frozenlake, guess_number, sokoban, twenty_questions
 from fastarcher.envs.base import Env, check_positive, split_words
 from fastarcher.envs.frozenlake import FrozenLake, FrozenLakeConfig
 from fastarcher.envs.guess_number import GuessNumber, GuessNumberConfig
+from fastarcher.envs.qa import QA, QAConfig
 from fastarcher.envs.sokoban import Sokoban, SokobanConfig
 from fastarcher.envs.twenty_questions import TwentyQuestions, TwentyQuestionsConfig
 from fastarcher.envs.user import is_import_path, make_user_env
 
 ENV_NAMES: tuple[str, ...] = ("guess_number", "twenty_questions", "frozenlake", "sokoban")
+"""The built-in games."""
+BUILTIN_ENVS: tuple[str, ...] = (*ENV_NAMES, "qa")
+"""The games and `qa`, question answering from dataset files (fastarcher/envs/qa.py)."""
 
 _ENV_CLASSES = {
     "guess_number": GuessNumber,
     "twenty_questions": TwentyQuestions,
     "frozenlake": FrozenLake,
     "sokoban": Sokoban,
+    "qa": QA,
 }
 
 
@@ -39,8 +44,8 @@ class EnvConfig:
     """Which environment to run, and the settings of each."""
 
     name: str = "guess_number"
-    """Environment: guess_number, twenty_questions, frozenlake, sokoban, or your own class by import path,
-    `package.module:ClassName` (docs/custom_env.md)."""
+    """Environment: guess_number, twenty_questions, frozenlake, sokoban, qa (dataset questions), or your own
+    class by import path, `package.module:ClassName` (docs/custom_env.md)."""
     max_turns: int | None = None
     """Turns per episode for the chosen env (None: that env's own max_turns)."""
     options: dict[str, int | float | bool | str] = field(default_factory=dict)
@@ -54,6 +59,8 @@ class EnvConfig:
     """Settings used when name is frozenlake."""
     sokoban: SokobanConfig = field(default_factory=SokobanConfig)
     """Settings used when name is sokoban."""
+    qa: QAConfig = field(default_factory=QAConfig)
+    """Settings used when name is qa: dataset files, reward, tools."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,8 +73,8 @@ class EnvConfig:
             raise ValueError(f"env.options ({self.options!r}) must map argument names to values")
         if self.user_env:
             return  # imported and checked by make_env, which the trainer's config check calls before any work
-        if self.name not in ENV_NAMES:
-            raise ValueError(f"env.name ({self.name!r}) must be one of {', '.join(ENV_NAMES)}, or an import path "
+        if self.name not in BUILTIN_ENVS:
+            raise ValueError(f"env.name ({self.name!r}) must be one of {', '.join(BUILTIN_ENVS)}, or an import path "
                              f"'package.module:ClassName' of your own env class")
         if self.options:
             raise ValueError(f"env.options ({self.options!r}) are arguments for an env class of your own; the "
@@ -106,15 +113,17 @@ class TokenSizes:
 
     max_obs: int
     """Longest observation a step can answer, in tokens."""
-    max_action: int
-    """Longest valid action in tokens, the stop token included."""
+    max_action: int | None
+    """Longest valid action in tokens, the stop token included (None: free-form replies, bounded only by
+    rollout.max_new_tokens)."""
 
 
 def token_sizes(cfg: EnvConfig, encode: Callable[[str], list[int]]) -> TokenSizes:
     """Token sizes of the env's longest observation and action under `encode` (text → token ids)."""
     env = make_env(cfg)
+    free_form = getattr(env, "free_form_actions", False)
     return TokenSizes(max_obs=max(len(encode(text)) for text in env.observation_texts()),
-                      max_action=max(len(encode(text)) for text in env.action_choices()) + 1)
+                      max_action=None if free_form else max(len(encode(text)) for text in env.action_choices()) + 1)
 
 
 def _merge(*word_lists: tuple[str, ...]) -> tuple[str, ...]:
@@ -143,6 +152,7 @@ def vocab_words(cfg: EnvConfig) -> tuple[str, ...]:
 from fastarcher.envs.runner import BatchedEnvRunner, EpisodeStats, StepResult  # noqa: E402 (needs EnvConfig)
 
 __all__ = [
+    "BUILTIN_ENVS",
     "BatchedEnvRunner",
     "ENV_NAMES",
     "VOCAB_WORDS",
@@ -153,6 +163,8 @@ __all__ = [
     "FrozenLakeConfig",
     "GuessNumber",
     "GuessNumberConfig",
+    "QA",
+    "QAConfig",
     "Sokoban",
     "SokobanConfig",
     "StepResult",

@@ -73,6 +73,8 @@ class BatchedEnvRunner:
 
     cfg: EnvConfig
     num_envs: int
+    split: str = "train"
+    """'train' or 'eval': envs with a `use_split` method (datasets) draw from that split's records."""
     envs: list = field(init=False)
     stats: list[EpisodeStats] = field(init=False)
 
@@ -80,6 +82,9 @@ class BatchedEnvRunner:
         if isinstance(self.num_envs, bool) or not isinstance(self.num_envs, int) or self.num_envs <= 0:
             raise ValueError(f"num_envs ({self.num_envs!r}) must be a positive integer")
         self.envs = [make_env(self.cfg) for _ in range(self.num_envs)]
+        for env in self.envs:
+            if hasattr(env, "use_split"):
+                env.use_split(self.split)
         self.stats = []
         self._episode_counter = 0
 

@@ -1,11 +1,12 @@
 """Reading a tool call or a final answer out of one model utterance, in two formats.
 
-ReAct (`parse_react`):
+ReAct (`parse_react`), on separate lines or on one:
 
     Thought: I should add them.          (optional, ignored)
     Action: calculator
     Action Input: 2 + 3                  (text for a one-argument tool, or a JSON object)
 
+    Action: calculator Action Input: 2 + 3
     Final Answer: 5
 
 JSON (`parse_json_call`): `{"name": "calculator", "arguments": {"expression": "2 + 3"}}` anywhere in the
@@ -37,9 +38,10 @@ class Unparsed:
 
 Parsed = Union[ToolCall, FinalAnswer, Unparsed]
 
-_REACT_ACTION = re.compile(r"^[ \t]*action[ \t]*:[ \t]*(.*?)[ \t]*$", re.I | re.M)
-_REACT_INPUT = re.compile(r"^[ \t]*action[ \t]*input[ \t]*:[ \t]*(.*)", re.I | re.M | re.S)
-_REACT_FINAL = re.compile(r"^[ \t]*final[ \t]*answer[ \t]*:[ \t]*(.*)", re.I | re.M | re.S)
+# Lines or one line ("Action: calculator Action Input: 2+3"): an utterance of the trainer is one line.
+_REACT_ACTION = re.compile(r"\baction[ \t]*:[ \t]*(.*?)[ \t]*(?=\baction[ \t]*input[ \t]*:|$)", re.I | re.M)
+_REACT_INPUT = re.compile(r"\baction[ \t]*input[ \t]*:[ \t]*(.*)", re.I | re.S)
+_REACT_FINAL = re.compile(r"\bfinal[ \t]*answer[ \t]*:[ \t]*(.*)", re.I | re.S)
 
 
 def _single_argument(tool: Tool | None, text: str) -> dict | None:
@@ -65,7 +67,7 @@ def parse_react(text: str, tools: dict[str, Tool]) -> Parsed:
         return Unparsed(f"no 'Action Input:' after 'Action: {name}'")
     raw = given.group(1)
     # stop at a following Observation/Thought/Action line the model wrote itself
-    raw = re.split(r"^\s*(?:observation|thought|action)\s*:", raw, maxsplit=1, flags=re.I | re.M)[0].strip()
+    raw = re.split(r"\b(?:observation|thought|action)[ \t]*:", raw, maxsplit=1, flags=re.I)[0].strip()
     raw = raw.strip("`").strip()
     if raw.startswith("{"):
         try:
