@@ -15,12 +15,13 @@ import first. A reward must return a finite float; `get_reward` never evaluates 
 from __future__ import annotations
 
 import collections
-import importlib
 import math
 import re
 import string
 from fractions import Fraction
 from typing import Any, Callable
+
+from fastarcher.imports import is_import_path, load_object
 
 RewardFn = Callable[[str, str, dict], float]
 
@@ -49,17 +50,12 @@ def get_reward(name: str) -> RewardFn:
     """A registered reward, or the function that `package.module:function` names."""
     if name in _REWARDS:
         return _REWARDS[name]
-    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", name):
+    if not is_import_path(name):
         raise ValueError(f"reward.name ({name!r}) must be one of {', '.join(reward_names())}, or an import path "
                          f"'package.module:function'")
-    module_name, attr = name.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"reward.name ({name!r}): cannot import module {module_name!r}: {error}") from None
-    fn = getattr(module, attr, None)
+    fn = load_object(name, "reward.name")
     if not callable(fn):
-        raise ValueError(f"reward.name ({name!r}): module {module_name!r} has no function {attr!r}")
+        raise ValueError(f"reward.name ({name!r}) must name a function, not a {type(fn).__name__}")
     return fn
 
 

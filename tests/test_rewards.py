@@ -152,7 +152,7 @@ def test_user_rewards_by_import_path_and_by_registration(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     fn = get_reward("my_rewards:length_bonus")
     assert score(fn, "abc", "", {"target_len": 6}) == 0.5
-    with pytest.raises(ValueError, match=r"module 'my_rewards' has no function 'NOT_CALLABLE'"):
+    with pytest.raises(ValueError, match=r"reward.name \('my_rewards:NOT_CALLABLE'\) must name a function, not a int"):
         get_reward("my_rewards:NOT_CALLABLE")
     with pytest.raises(ValueError, match=r"cannot import module 'not_a_module'"):
         get_reward("not_a_module:f")

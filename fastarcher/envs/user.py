@@ -8,38 +8,21 @@ a worked example.
 """
 from __future__ import annotations
 
-import importlib
-import re
 from typing import Any
 
 from fastarcher.envs.base import Env, check_positive
-
-IMPORT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
-"""`package.module:ClassName`: dotted identifiers, one colon, one identifier."""
+from fastarcher.imports import is_import_path, load_object
 
 PROTOCOL_METHODS = ("reset", "step", "action_choices", "oracle_action", "random_valid_action", "observation_texts")
 
-
-def is_import_path(name: str) -> bool:
-    return isinstance(name, str) and IMPORT_PATH.match(name) is not None
+__all__ = ["is_import_path", "load_env_class", "make_user_env"]
 
 
 def load_env_class(spec: str) -> type:
     """The class that `package.module:ClassName` names; ValueError when it cannot be had."""
     if not is_import_path(spec):
         raise ValueError(f"env.name ({spec!r}) must be a built-in env or an import path 'package.module:ClassName'")
-    module_name, class_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"env.name ({spec!r}): cannot import module {module_name!r}: {error} (is it installed, "
-                         f"or in the working directory?)") from None
-    except Exception as error:  # the user's module failed while running
-        raise ValueError(f"env.name ({spec!r}): importing {module_name!r} raised {type(error).__name__}: "
-                         f"{error}") from None
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise ValueError(f"env.name ({spec!r}): module {module_name!r} has no attribute {class_name!r}")
+    cls = load_object(spec, "env.name")
     if not isinstance(cls, type):
         raise ValueError(f"env.name ({spec!r}) must name a class, not a {type(cls).__name__}")
     return cls
