@@ -1,4 +1,4 @@
-"""Question/answer datasets from JSON files, checked record by record, and a resumable shuffled order.
+"""Question/answer datasets from JSON files, checked record by record.
 
 A file is a JSON list of objects (`.json`) or one object per line (`.jsonl`; blank lines are skipped).
 Each object needs `question` (a non-empty string) and `answer` (a string or a number); every other field
@@ -6,14 +6,11 @@ is kept and reaches the reward function. Any problem stops loading with the file
 field: a missing file, invalid JSON, an empty file, a record that is not an object, a missing field or
 one of the wrong type. Files are parsed as plain JSON data: nothing in them is ever executed.
 
-`EpochSampler` hands out record indices in a fresh permutation each epoch, drawn from (seed, epoch), so
-its whole state is three integers (`state_dict`) and a resumed run continues the same order exactly.
+The order of the records in training is the `qa` env's (fastarcher/envs/qa.py): a function of the seeds.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,55 +121,3 @@ def load_dataset(paths: list[str]) -> list[Record]:
     if not paths:
         raise DatasetError("no dataset files given")
     return [record for path in paths for record in load_records(path)]
-
-
-def fingerprint(records: list[Record]) -> str:
-    """A short hash of the questions and answers, stored with a sampler's state to catch a changed dataset."""
-    digest = hashlib.sha256()
-    for record in records:
-        digest.update(json.dumps([record.question, record.answer]).encode())
-    return digest.hexdigest()[:16]
-
-
-class EpochSampler:
-    """Indices 0..size-1, reshuffled each epoch from (seed, epoch) (or in file order with shuffle off)."""
-
-    def __init__(self, size: int, seed: int, shuffle: bool = True, data_fingerprint: str = ""):
-        if size < 1:
-            raise ValueError(f"sampler size ({size}) must be positive")
-        self.size, self.seed, self.shuffle, self.fingerprint = size, seed, shuffle, data_fingerprint
-        self.epoch, self.cursor = 0, 0
-        self._order = self._order_of(0)
-
-    def _order_of(self, epoch: int) -> list[int]:
-        order = list(range(self.size))
-        if self.shuffle:
-            random.Random(f"{self.seed}/{epoch}").shuffle(order)
-        return order
-
-    def take(self, count: int) -> list[int]:
-        """The next `count` indices, crossing into the next epoch (a new permutation) when one runs out."""
-        out = []
-        while len(out) < count:
-            if self.cursor == self.size:
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self._order_of(self.epoch)
-            step = min(count - len(out), self.size - self.cursor)
-            out.extend(self._order[self.cursor:self.cursor + step])
-            self.cursor += step
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "size": self.size, "seed": self.seed,
-                "shuffle": self.shuffle, "fingerprint": self.fingerprint}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("size", "seed", "shuffle", "fingerprint"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"dataset sampler: the checkpoint was made with {key} {state.get(key)!r}, this run "
-                                 f"has {getattr(self, key)!r} (the dataset files or seed changed since)")
-        epoch, cursor = state.get("epoch"), state.get("cursor")
-        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(cursor, int) and 0 <= cursor <= self.size):
-            raise ValueError(f"dataset sampler: bad position in the checkpoint (epoch {epoch!r}, cursor {cursor!r})")
-        self.epoch, self.cursor = epoch, cursor
-        self._order = self._order_of(epoch)

@@ -1,10 +1,9 @@
-"""Question/answer dataset files (fastarcher/data.py): loading, one-line errors naming file, line and field,
-and the per-epoch shuffled order restored exactly from a sampler's state."""
+"""Question/answer dataset files (fastarcher/data.py): loading, and one-line errors naming file, line and field."""
 import json
 
 import pytest
 
-from fastarcher.data import DatasetError, EpochSampler, fingerprint, load_dataset, load_records
+from fastarcher.data import DatasetError, load_dataset, load_records
 
 
 def write(tmp_path, name, text):
@@ -61,45 +60,3 @@ def test_missing_and_non_utf8_files(tmp_path):
         load_records(tmp_path / "bin.jsonl")
     with pytest.raises(DatasetError, match=r"no dataset files given"):
         load_dataset([])
-
-
-def test_sampler_covers_each_epoch_once_in_a_new_order():
-    sampler = EpochSampler(10, seed=3)
-    first, second = sampler.take(10), sampler.take(10)
-    assert sorted(first) == sorted(second) == list(range(10)) and first != second
-    assert (sampler.epoch, sampler.cursor) == (1, 10)
-    assert EpochSampler(10, seed=3).take(20) == first + second  # batches may cross epochs
-    assert EpochSampler(10, seed=4).take(10) != first
-    assert EpochSampler(5, seed=3, shuffle=False).take(7) == [0, 1, 2, 3, 4, 0, 1]
-
-
-def test_sampler_state_restores_the_order_exactly():
-    sampler = EpochSampler(7, seed=11, data_fingerprint="abc")
-    sampler.take(5)
-    sampler.take(6)  # into the second epoch
-    state = json.loads(json.dumps(sampler.state_dict()))  # plain data: it survives a JSON round trip
-    expected = sampler.take(12)
-    resumed = EpochSampler(7, seed=11, data_fingerprint="abc")
-    resumed.load_state_dict(state)
-    assert resumed.take(12) == expected
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"size": 8}, r"made with size 8, this run has 7"),
-    ({"fingerprint": "zzz"}, r"made with fingerprint 'zzz', this run has 'abc' \(the dataset files or seed changed"),
-    ({"seed": 1}, r"made with seed 1"),
-    ({"cursor": 9}, r"bad position in the checkpoint \(epoch 0, cursor 9\)"),
-    ({"epoch": -1}, r"bad position"),
-])
-def test_sampler_refuses_a_state_from_other_data(change, message):
-    sampler = EpochSampler(7, seed=11, data_fingerprint="abc")
-    state = {**sampler.state_dict(), **change}
-    with pytest.raises(ValueError, match=message):
-        sampler.load_state_dict(state)
-
-
-def test_fingerprint_follows_questions_and_answers(tmp_path):
-    a = load_records(write(tmp_path, "a.jsonl", '{"question": "q", "answer": "1", "x": 1}\n'))
-    b = load_records(write(tmp_path, "b.jsonl", '{"question": "q", "answer": 1, "x": 2}\n'))
-    c = load_records(write(tmp_path, "c.jsonl", '{"question": "q", "answer": 2}\n'))
-    assert fingerprint(a) == fingerprint(b) != fingerprint(c)
