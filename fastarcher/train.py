@@ -210,3 +210,9 @@ def format_summary(summary: dict, run_dir: str) -> str:
 
 if __name__ == "__main__":
     main()
+    # Everything is written and closed by now. Skip the interpreter's teardown: destroying the process
+    # group's C++ objects at exit sometimes aborted a finished run under torchrun ("terminate called
+    # without an active exception", SIGABRT, 2 of ~40 runs of the slow suite), which fails the launch.
+    from fastarcher.dist import exit_now
+
+    exit_now(0)
