@@ -12,6 +12,7 @@ packages = [
     "fastarcher.algos",
     "fastarcher.checkpoint",
     "fastarcher.traces",
+    "fastarcher.tools",
     "fastarcher.kernels",
 ]
 
