@@ -37,7 +37,7 @@ def test_archer_tiny_preset_learns_frozenlake_with_two_processes(tmp_path, seed)
     proc = run_preset(run_dir, seed)
     crash = NATIVE_CRASH.search(proc.stderr) if proc.returncode != 0 else None
     if crash:
-        # One CI run lost a worker to a SIGSEGV at iteration 89 that 10 reruns of the same seed did not
+        # One CI run lost a worker to a SIGSEGV at iteration 89 that four reruns of that seed did not
         # repeat. Such a crash is rerun once, from scratch (the run is deterministic, so the numbers are the
         # same), and reported with its Python stack (faulthandler) rather than hidden; a second crash fails.
         warnings.warn(f"a worker died of {crash.group(1)}; rerunning seed {seed} once. Its output:\n"
