@@ -493,13 +493,14 @@ class TrainConfig:
         if sizes.max_action is None and r.constrain_actions:
             raise ValueError(f"env.name {env!r} takes free-form replies, not a fixed set of actions: pass "
                              f"--rollout.no-constrain-actions")
-        # Constrained decoding emits the stop token too; unconstrained, a cut utterance is closed after it.
-        action = 0 if sizes.max_action is None else sizes.max_action if r.constrain_actions else sizes.max_action - 1
-        if r.max_new_tokens < action:
-            raises.append(f"--rollout.max-new-tokens from {r.max_new_tokens} to {action}")
-            least = action if r.constrain_actions else action + 1
-            if self.replay.max_action_len < least:
-                raises.append(f"--replay.max-action-len from {self.replay.max_action_len} to {least}")
+        if sizes.max_action is not None:  # free-form replies are bounded by max_new_tokens alone
+            # Constrained decoding emits the stop token too; unconstrained, a cut utterance is closed after it.
+            action = sizes.max_action if r.constrain_actions else sizes.max_action - 1
+            if r.max_new_tokens < action:
+                raises.append(f"--rollout.max-new-tokens from {r.max_new_tokens} to {action}")
+                least = action if r.constrain_actions else action + 1
+                if self.replay.max_action_len < least:
+                    raises.append(f"--replay.max-action-len from {self.replay.max_action_len} to {least}")
         if raises:
             actions = "free-form replies" if sizes.max_action is None else \
                 f"actions of up to {sizes.max_action} (stop token included)"

@@ -11,7 +11,7 @@ import pytest
 
 from dist_helpers import REPO, describe, run_python
 from fastarcher.envs import Env, EnvConfig, make_env
-from fastarcher.envs.user import is_import_path
+from fastarcher.imports import is_import_path
 
 DOC = REPO / "docs" / "custom_env.md"
 

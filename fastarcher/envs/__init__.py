@@ -23,7 +23,8 @@ from fastarcher.envs.guess_number import GuessNumber, GuessNumberConfig
 from fastarcher.envs.qa import QA, QAConfig
 from fastarcher.envs.sokoban import Sokoban, SokobanConfig
 from fastarcher.envs.twenty_questions import TwentyQuestions, TwentyQuestionsConfig
-from fastarcher.envs.user import is_import_path, make_user_env
+from fastarcher.envs.user import make_user_env
+from fastarcher.imports import is_import_path
 
 ENV_NAMES: tuple[str, ...] = ("guess_number", "twenty_questions", "frozenlake", "sokoban")
 """The built-in games."""

@@ -186,7 +186,8 @@ class QA:
         return self._answer_text(rng.choice(self.train).answer)
 
     def observation_texts(self) -> list[str]:
-        texts = [self.prompt(r) for r in (*self.train, *self.val)]
+        records = self.train if self.val is self.train else (*self.train, *self.val)
+        texts = [self.prompt(r) for r in records]
         texts += ["incorrect\n", "error: " + "x" * 120 + "\n"]
         if self.tools:
             texts.append("Observation: " + "x" * self.cfg.max_tool_chars + "\n")

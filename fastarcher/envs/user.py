@@ -15,8 +15,6 @@ from fastarcher.imports import is_import_path, load_object
 
 PROTOCOL_METHODS = ("reset", "step", "action_choices", "oracle_action", "random_valid_action", "observation_texts")
 
-__all__ = ["is_import_path", "load_env_class", "make_user_env"]
-
 
 def load_env_class(spec: str) -> type:
     """The class that `package.module:ClassName` names; ValueError when it cannot be had."""
