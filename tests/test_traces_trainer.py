@@ -1,4 +1,4 @@
-"""The traces wired into the ArCHer actor step (fastarcher/traces/trainer_hooks.py, fastarcher/trainer.py).
+"""The traces wired into the actor step of ArCHer and of every on-policy algorithm (fastarcher/traces/trainer_hooks.py, fastarcher/algos/on_policy.py).
 
 Reference: each action token's log π, entropy and weight gradient recomputed on the *unpadded*
 sequence state[:n] ⊕ action[:h] with separate autograd calls (never through the padded layout or the
@@ -337,3 +337,54 @@ def test_cli_two_processes_with_tracing(tmp_path):
     for step in ENTROPY_STEPS:
         assert set(load_step(run_dir / "entropy_trace", step)["rank"].tolist()) == {0, 1}
     assert [r["step"] for r in read_manifest(run_dir / "entropy_trace")] == ENTROPY_STEPS
+
+
+# --------------------------------------------------------------------------------------------------
+# Every algorithm that trains the policy is traced, not only ArCHer (docs/traces.md, "Using traces").
+
+ON_POLICY_FLAGS = [*CLI_FLAGS, "--iterations", "2", "--rollout.group-size", "4"]
+TRACED_ALGOS = ("grpo", "reinforce_pp", "ppo", "filtered_bc")  # per-utterance, per-token, GAE+value, keep-flag weights
+
+
+@pytest.fixture(scope="module")
+def on_policy_runs(tmp_path_factory):
+    """Each algorithm with both traces on every step, and grpo with tracing off, launched side by side."""
+    root = tmp_path_factory.mktemp("on_policy")
+    jobs = {algo: ["--algo", algo, *TRACE_FLAGS, "--trace.influence.every-n-steps", "1",
+                   "--trace.entropy.every-n-steps", "1"] for algo in TRACED_ALGOS}
+    jobs["grpo_off"] = ["--algo", "grpo"]
+    procs = {name: subprocess.Popen([sys.executable, *ON_POLICY_FLAGS, *extra, "--log.run-dir", str(root / name)],
+                                    cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+             for name, extra in jobs.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, describe(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return root
+
+
+@pytest.mark.parametrize("algo", TRACED_ALGOS)
+def test_on_policy_algorithms_trace_the_first_step_of_each_iteration(on_policy_runs, algo):
+    run_dir = on_policy_runs / algo
+    for kind in ("influence_trace", "entropy_trace"):
+        assert [r["step"] for r in read_manifest(run_dir / kind)] == [0, 1]  # step index = iteration
+    for step in (0, 1):
+        data = load_step(run_dir / "influence_trace", step)
+        # the traced responses are the sampled guess_number utterances: a number then the stop token
+        assert all(re.fullmatch(r"\d{1,2}\n", t) for t in data["response_text"]), data["response_text"]
+        assert np.isfinite(data["token_scores"]).all() and np.abs(data["token_scores"]).max() > 0
+        assert (data["accepted"] == np.sign(data["advantages"]).astype(np.int8)).all()
+        # the discounted return from each turn: guess_number pays 1 for the right number, γ = 0.99 per turn before
+        assert ((data["rewards"] >= 0) & (data["rewards"] <= 1)).all() and data["rewards"].dtype == np.float32
+        if algo == "filtered_bc":
+            assert set(np.unique(data["advantages"])) <= {0.0, 1.0}  # the keep flags
+        entropy = load_step(run_dir / "entropy_trace", step)
+        assert (entropy["token_entropy"] >= 0).all() and entropy["token_entropy"].max() > 0
+    rows = _metrics(run_dir)
+    assert {"trace/influence_responses", "trace/entropy_mean"} <= set(rows[1]) & set(rows[2])
+
+
+def test_on_policy_tracing_leaves_final_policy_bit_identical(on_policy_runs):
+    off = load_file(on_policy_runs / "grpo_off" / "hf_policy" / "model.safetensors")
+    on = load_file(on_policy_runs / "grpo" / "hf_policy" / "model.safetensors")
+    assert sorted(off) == sorted(on) and all(torch.equal(off[k], on[k]) for k in off)

@@ -70,13 +70,14 @@ class FilteredBC(AlgorithmBase):
         b = ctx.cfg.archer.batch_size
         steps = steps_on_every_rank(len(batch.transitions), b)
         t0 = time.perf_counter()
-        for _ in range(steps):  # every rank steps as often as the busiest (a sharded step is a collective)
+        for k in range(steps):  # every rank steps as often as the busiest (a sharded step is a collective)
             if len(self.store):
                 rows, keep = self.store.sample(b, ctx.streams.cpu_gen), torch.ones(b)
             else:  # nothing kept on this rank yet: a zero-weight step on the iteration's turns
                 rows, keep = batch.transitions.select(torch.arange(b) % max(len(batch.transitions), 1)), torch.zeros(b)
             policy_step(ctx, rows, torch.arange(b), keep, bag, masked_bc_loss, ctx.actor.optimizer,
-                        ctx.cfg.optim.actor_grad_clip, sampled=True, iteration=batch.iteration)
+                        ctx.cfg.optim.actor_grad_clip, sampled=True, iteration=batch.iteration,
+                        trace_step=batch.iteration if k == 0 else None)
         bag.add({"elite/turns": float(len(self.store)), "elite/episodes": float(self.store.num_elite_episodes),
                  "elite/threshold": float(self.store.threshold if self.store.threshold is not None else 0.0)})
         sync_s = ctx.actor.sync_engine()

@@ -11,6 +11,7 @@ the same for every algorithm.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -79,11 +80,13 @@ def episode_sums(values: Tensor, turns_per_episode: list[int]) -> Tensor:
 
 def policy_step(ctx, transitions: TransitionBatch, rows: Tensor, weights: Tensor, bag: MetricBag, loss_fn: LossFn,
                 optimizer, clip: float, *, sampled: bool, iteration: int, kl=None,
-                old_logprob: Tensor | None = None) -> None:
+                old_logprob: Tensor | None = None, trace_step: int | None = None) -> None:
     """One guarded optimizer step on the loss of `rows`. `sampled`: the actions came from the engine, so an
     utterance longer than max_new_tokens was cut and closed with a stop token that was never sampled
     (close_utterance): only its first max_new_tokens tokens are scored. Demonstrations (warm start) are
-    scored whole. `kl`: a `KLControl` whose KL term joins the loss (placement 'loss'), or None."""
+    scored whole. `kl`: a `KLControl` whose KL term joins the loss (placement 'loss'), or None.
+    `trace_step`: the index under which the actor's traces (docs/traces.md) record this step when due
+    (every rank passes the same; None: never traced)."""
     actor = ctx.actor
     mb = transitions.select(rows.to(transitions.state_ids.device)).to(actor.device).trimmed()
     w = weights[rows].to(actor.device)
@@ -93,18 +96,36 @@ def policy_step(ctx, transitions: TransitionBatch, rows: Tensor, weights: Tensor
     old = old_logprob[rows][:, :width].to(actor.device) if old_logprob is not None else None
     sampled_len = sampled_lengths(mb.action_len, ctx.cfg.rollout.max_new_tokens) if sampled else None
     full = kl is not None and kl.needs_distribution
-    out = actor.token_logprobs(mb.state_ids, mb.state_len, mb.action_ids, mb.action_len, sampled_len=sampled_len,
-                               log_distribution=full)
-    tokens = PolicyTokens(logprob=out[0], mask=out[2], entropy=out[1] * out[2], weights=w, old_logprob=old)
-    loss, metrics = loss_fn(tokens)
-    if kl is not None:
-        kl_loss, kl_metrics = kl.loss_term(mb, tokens, out[3] if full else None)
-        loss = loss + kl_loss
-        metrics = {**metrics, **kl_metrics, "actor/loss": loss.detach()}
-    loss.backward()
+    traces = actor.traces if trace_step is not None and actor.traces is not None else None
+    scored_len = sampled_len if sampled_len is not None else mb.action_len
+    with (traces.actor_micro_batch(trace_step, mb.state_ids, mb.state_len, mb.action_ids, scored_len,
+                                   advantage=row_weights(w, mb, scored_len), q_value=mb.mc_return.float())
+          if traces is not None else contextlib.nullcontext()) as trace:  # forward + backward inside
+        out = actor.token_logprobs(mb.state_ids, mb.state_len, mb.action_ids, mb.action_len, sampled_len=sampled_len,
+                                   log_distribution=full)
+        if trace is not None:
+            trace.set_token_entropy(out[1])
+        tokens = PolicyTokens(logprob=out[0], mask=out[2], entropy=out[1] * out[2], weights=w, old_logprob=old)
+        loss, metrics = loss_fn(tokens)
+        if kl is not None:
+            kl_loss, kl_metrics = kl.loss_term(mb, tokens, out[3] if full else None)
+            loss = loss + kl_loss
+            metrics = {**metrics, **kl_metrics, "actor/loss": loss.detach()}
+        loss.backward()
+    if traces is not None:
+        bag.add(traces.finish_step(trace_step))  # {} unless a trace was due (a collective then)
     bag.add({**metrics, "actor/entropy": tokens.entropy.detach().sum(-1).mean()})
     bag.add({"actor/grad_norm": ctx.guard.check_and_step("actor", optimizer, max_norm=clip, iteration=iteration,
                                                          loss=loss)})
+
+
+def row_weights(weights: Tensor, mb: TransitionBatch, scored_len: Tensor) -> Tensor:
+    """(B,) one number per utterance for the traces' accepted/rejected split: the weight itself, or the mean of
+    per-token weights (B, A) over the scored tokens."""
+    if weights.dim() == 1:
+        return weights.detach().float()
+    mask = torch.arange(weights.shape[1], device=weights.device) < scored_len.to(weights.device)[:, None]
+    return ((weights * mask).sum(-1) / mask.sum(-1).clamp(min=1)).detach()
 
 
 def steps_on_every_rank(n: int, batch: int) -> int:
@@ -131,7 +152,7 @@ def weighted_updates(ctx, transitions: TransitionBatch, weights: Tensor, bag: Me
             rows = order[(torch.arange(step * b, (step + 1) * b)) % max(n, 1)]
             policy_step(ctx, transitions, rows, weights, bag, loss_fn, ctx.actor.optimizer,
                         ctx.cfg.optim.actor_grad_clip, sampled=True, iteration=iteration, kl=kl,
-                        old_logprob=old_logprob)
+                        old_logprob=old_logprob, trace_step=iteration if epoch == step == 0 else None)
             if after_step is not None:
                 after_step(rows)
             if stop is not None and stop():

@@ -101,7 +101,8 @@ class MicroBatchTrace:
 
 
 class TraceRecorder:
-    """Influence and entropy traces of the ArCHer actor step (module docstring; docs/traces.md).
+    """Influence and entropy traces of the policy step of every algorithm that trains it (module docstring;
+    docs/traces.md).
 
     cfg: the `trace` group of the train config; policy: the (possibly FSDP2-wrapped) policy the actor
     trains, the one passed to action_logprobs; info: the trainer's DistInfo (rank, world_size);
