@@ -7,7 +7,8 @@
 Built in: `exact_match` (after stripping whitespace), `normalized_match` and `qa_em` (SQuAD
 normalisation: lower case, no punctuation, no articles a/an/the, single spaces), `qa_f1` (token F1
 after the same normalisation), `math_equiv` (the final answer of a math response, numerically equal
-to the reference). `fields` holds the dataset record's other fields, for rewards that need them.
+to the reference), `code_tests` (the fraction of the record's `tests` that pass after the response's
+code, run in the sandboxed python executor). `fields` holds the dataset record's other fields, for rewards that need them.
 
 Your own: `get_reward("my_module:my_reward")` imports it, or `@register_reward("name")` in a module you
 import first. A reward must return a finite float; `get_reward` never evaluates text.
@@ -212,3 +213,69 @@ def math_equiv(response: str, answer: str, fields: dict) -> float:
     if expected is not None:
         return float(got is not None and numbers_equal(got, expected))
     return float(normalize_answer(said) == normalize_answer(ref) != "")
+
+
+# -- code run against tests in the sandbox --------------------------------------------------------------
+
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S | re.I)
+
+_HARNESS = """\
+import sys
+_candidate = {code!r}
+_tests = {tests!r}
+_ns = {{"__name__": "__candidate__"}}
+_passed = 0
+try:
+    exec(compile(_candidate, "<candidate>", "exec"), _ns)
+except BaseException:
+    _tests = []
+for _test in _tests:
+    try:
+        exec(compile(_test, "<test>", "exec"), _ns)
+        _passed += 1
+    except BaseException:
+        pass
+sys.stdout.flush()
+sys.__stderr__.write("\\n{marker} %d\\n" % _passed)
+sys.__stderr__.flush()
+"""
+
+
+def extract_code(response: str) -> str:
+    """The last fenced code block of the response (```python ... ```), else the whole response."""
+    blocks = _FENCE.findall(response)
+    return blocks[-1] if blocks else response
+
+
+def code_test_fraction(code: str, tests: list[str], *, timeout_s: float = 5.0) -> float:
+    """The fraction of `tests` (Python statements, e.g. asserts) that run without error after `code`, in the
+    sandboxed executor (fastarcher/tools/python_exec.py: a separate process with CPU, memory, file and
+    wall-clock limits and no network). Code that fails to run, loops past the limit or crashes scores 0.
+    The result is read from a marker with a fresh random nonce: it keeps a candidate from printing a score
+    by accident, not a candidate that reads the harness on purpose (the sandbox is no security boundary)."""
+    import secrets
+
+    from fastarcher.tools.python_exec import run_python_code
+
+    if not tests:
+        return 0.0
+    marker = f"FASTARCHER_TESTS_{secrets.token_hex(8)}"
+    result = run_python_code(_HARNESS.format(code=code, tests=list(tests), marker=marker), timeout_s=timeout_s,
+                             cpu_s=max(1, math.ceil(timeout_s)))
+    found = re.findall(rf"^{marker} (\d+)$", result.stderr, re.M)
+    if result.timed_out or result.returncode != 0 or not found:
+        return 0.0
+    return min(int(found[-1]), len(tests)) / len(tests)
+
+
+@register_reward("code_tests")
+def code_tests(response: str, answer: str, fields: dict) -> float:
+    """The fraction of the record's `tests` (a list of Python statements, or one string of them) that pass
+    after the response's code (its last ```python block, else all of it) runs in the sandbox."""
+    tests = fields.get("tests")
+    if isinstance(tests, str):
+        tests = [tests]
+    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+        raise ValueError("reward 'code_tests' needs the record field 'tests': a list of Python statements "
+                         "such as \"assert add(2, 3) == 5\"")
+    return code_test_fraction(extract_code(response), tests)

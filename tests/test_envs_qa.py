@@ -154,3 +154,43 @@ def test_training_on_a_dataset_resumes_the_record_order_exactly(data, tmp_path):
     strip = [{k: v for k, v in r.items() if not any(w in k for w in volatile)} for r in (*last, *again)]
     assert len(last) == len(again) == 1 and strip[0] == strip[1]
     assert last[0]["count/rollout_episodes"] == 4
+
+
+@pytest.mark.parametrize("action_format", ["json", "react"])
+def test_the_oracle_makes_the_records_tool_calls_then_answers(tmp_path, action_format):
+    rows = [{**r, "tool_calls": [{"name": "calculator", "arguments": {"expression": r["expression"]}}]} for r in ROWS]
+    train = tmp_path / "calls.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = make_env(qa(str(train), tools=("calculator",), action_format=action_format, shuffle=False))
+    for seed, row in enumerate(ROWS):
+        env.reset(seed=seed)
+        call = env.oracle_action()
+        assert row["expression"] in call and "\n" not in call
+        obs, reward, done, _ = env.step(call)
+        assert obs == f"Observation: {row['answer']}\n" and (reward, done) == (0.0, False)
+        assert env.step(env.oracle_action())[1:3] == (1.0, True)
+    # without tool_calls the oracle answers at once; with one turn left it answers instead of calling
+    env = make_env(qa(str(train), tools=("calculator",), action_format=action_format, shuffle=False, max_turns=1))
+    env.reset(seed=0)
+    assert env.step(env.oracle_action())[1:3] == (1.0, True)
+
+
+def test_a_malformed_tool_calls_field_is_refused_before_work(tmp_path):
+    train = tmp_path / "bad.jsonl"
+    train.write_text(json.dumps({"question": "q", "answer": "1", "tool_calls": [{"arguments": {}}]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: field 'tool_calls' must be a list"):
+        make_env(qa(str(train), tools=("calculator",)))
+    make_env(qa(str(train)))  # without tools the field is never read
+
+
+@pytest.mark.parametrize("action_format", ["json", "react"])
+def test_the_answer_tool_ends_the_episode(data, action_format):
+    env = make_env(qa(data[0], tools=("calculator",), action_format=action_format, shuffle=False))
+    env.reset(seed=1)
+    reply = ('{"name": "answer", "arguments": {"answer": "17"}}' if action_format == "json"
+             else "Action: answer Action Input: 17")
+    assert env.step(reply)[1:3] == (1.0, True)
+    env.reset(seed=1)
+    empty = '{"name": "answer", "arguments": {}}' if action_format == "json" else "Action: answer Action Input: "
+    obs, reward, done, info = env.step(empty)
+    assert obs.startswith("error:") and not done and info["invalid"]

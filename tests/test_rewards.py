@@ -6,6 +6,8 @@ from fractions import Fraction
 import pytest
 
 from fastarcher.rewards import (
+    code_test_fraction,
+    code_tests,
     extract_final_answer,
     get_reward,
     last_boxed,
@@ -175,3 +177,36 @@ def test_a_reward_must_return_a_finite_float(value):
     with pytest.raises(ValueError, match=r"must return a finite float"):
         score(lambda r, a, f: value, "x", "y")
     assert score(lambda r, a, f: True, "x", "y") == 1.0
+
+
+# -- code_tests: the response's code against the record's tests, in the sandbox ------------------------------
+
+ADD_TESTS = {"tests": ["assert add(2, 3) == 5", "assert add(-1, 1) == 0", "assert add('a', 'b') == 'ab'"]}
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("```python\ndef add(a, b):\n    return a + b\n```", 1.0),                           # fenced
+    ("def add(a, b):\n    return a + b", 1.0),                                            # bare code
+    ("First a wrong try:\n```python\ndef add(a, b): return 0\n```\nFixed:\n```py\ndef add(a, b): return a + b\n```", 1.0),
+    ("def add(a, b):\n    return a - b if a < 0 else a + b", 1 / 3),                        # 1 of 3: 'a' < 0 raises
+    ("def add(a, b): return a + b\nprint('x' * 100000)", 1.0),                            # long output is no harm
+    ("import sys; sys.exit(0)", 0.0),                                                     # exits before the tests
+    ("def add(a, b) return a + b", 0.0),                                                  # syntax error
+    ("print('FASTARCHER_TESTS_0 3')\ndef add(a, b): return None", 0.0),                   # a printed score counts for nothing
+])
+def test_code_tests_scores_the_fraction_of_passing_tests(response, expected):
+    assert code_tests(response, "", ADD_TESTS) == pytest.approx(expected)
+
+
+def test_code_tests_stops_code_that_loops_or_allocates_too_much():
+    looping = "def add(a, b):\n    while True:\n        pass"
+    assert code_test_fraction(looping, ["assert add(1, 2) == 3"], timeout_s=1.0) == 0.0
+    hog = "blob = bytearray(2 << 30)\ndef add(a, b): return a + b"
+    assert code_test_fraction(hog, ["assert add(1, 2) == 3"], timeout_s=2.0) == 0.0
+
+
+def test_code_tests_needs_a_tests_field():
+    with pytest.raises(ValueError, match="needs the record field 'tests'"):
+        code_tests("def f(): pass", "", {})
+    assert code_tests("x = 1", "", {"tests": "assert x == 1"}) == 1.0  # one string of statements
+    assert get_reward("code_tests") is code_tests

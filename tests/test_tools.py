@@ -143,3 +143,26 @@ def test_a_parsed_call_runs_end_to_end():
     assert run_tool(TOOLS, call) == "42"
     call = parse_json_call('{"name": "calculator", "arguments": {"expression": "sqrt(2"}}', TOOLS)
     assert run_tool(TOOLS, call) == "error: the expression does not parse"
+
+
+@pytest.mark.parametrize("action_format", ["json", "react"])
+@pytest.mark.parametrize("call", [ToolCall("calculator", {"expression": "3 * (2 + 1)"}),
+                                  ToolCall("lookup", {"query": "capital of Peru", "k": 2}),
+                                  ToolCall("python", {"code": "print('a: b')"})])
+def test_format_call_and_format_answer_round_trip_through_the_parser(action_format, call):
+    from fastarcher.tools.parse import ACTION_FORMATS, FinalAnswer, format_answer, format_call
+
+    class _Tool:
+        def __init__(self, name, parameters):
+            self.name, self.parameters, self.description = name, parameters, ""
+
+        def call(self, arguments):
+            return ""
+
+    tools = {"calculator": _Tool("calculator", {"expression": "string"}),
+             "lookup": _Tool("lookup", {"query": "string", "k": "integer"}),
+             "python": _Tool("python", {"code": "string"})}
+    parse = ACTION_FORMATS[action_format]
+    line = format_call(call, action_format)
+    assert "\n" not in line and parse(line, tools) == call
+    assert parse(format_answer("3/4 cm", action_format), tools) == FinalAnswer("3/4 cm")

@@ -20,7 +20,6 @@ exactly. Evaluation episodes (runner split "eval") take validation record `seed 
 from __future__ import annotations
 
 import functools
-import json
 import random
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,10 +29,23 @@ from fastarcher.envs.base import check_positive
 from fastarcher.rewards import get_reward, score
 from fastarcher.tools.base import Tool, ToolCall, run_tool
 from fastarcher.tools.calculator import Calculator
-from fastarcher.tools.parse import ACTION_FORMATS, FinalAnswer, Unparsed
+from fastarcher.tools.parse import ACTION_FORMATS, FinalAnswer, Unparsed, format_answer, format_call
 from fastarcher.tools.python_exec import PythonExecutor
+from fastarcher.tools.retrieval import Search
 
-TOOL_CLASSES = {"calculator": Calculator, "python": PythonExecutor}
+TOOL_CLASSES = {"calculator": Calculator, "python": PythonExecutor, "search": Search}
+
+
+def make_tool(name: str, cfg: "QAConfig") -> Tool:
+    if name == "search":
+        return _search(tuple(cfg.corpus_files), cfg.search_k)
+    return TOOL_CLASSES[name]()
+
+
+@functools.lru_cache(maxsize=4)
+def _search(files: tuple[str, ...], k: int) -> Search:
+    """One BM25 index per process and corpus, however many envs a runner builds."""
+    return Search.from_files(files, k)
 
 
 @dataclass(kw_only=True)
@@ -46,12 +58,19 @@ class QAConfig:
     """Evaluation records (default: the training files)."""
     reward: str = "math_equiv"
     """Reward function: exact_match, normalized_match, qa_em, qa_f1, math_equiv, or `package.module:function`."""
-    tools: tuple[Literal["calculator", "python"], ...] = ()
-    """Tools the agent may call (none: the first reply is the answer)."""
+    tools: tuple[Literal["calculator", "python", "search"], ...] = ()
+    """Tools the agent may call (none: the first reply is the answer); an `answer` tool call is always a final answer."""
+    corpus_files: tuple[str, ...] = ()
+    """Passages the `search` tool ranks with BM25: .json / .jsonl objects with `text` (and optional `title`)."""
+    search_k: int = 2
+    """Passages one `search` call returns."""
     action_format: Literal["react", "json"] = "json"
     """How a reply calls a tool or answers when tools are on (fastarcher/tools/parse.py). Replies are one line."""
     max_turns: int = 4
     """Replies per episode with tools (without tools an episode is one reply)."""
+    instructions: bool = True
+    """With tools, start the prompt with the tools and the reply format (off: the question only, for a small
+    model that learns the format from demonstrations and would pay for ~150 more prompt tokens)."""
     max_tool_chars: int = 200
     """Tool output longer than this is cut."""
     shuffle: bool = True
@@ -69,6 +88,11 @@ class QAConfig:
                              "'question' and 'answer'; docs/custom_env.md)")
         check_positive("env.qa.max_turns", self.max_turns)
         check_positive("env.qa.max_tool_chars", self.max_tool_chars)
+        check_positive("env.qa.search_k", self.search_k)
+        if "search" in self.tools and not self.corpus_files:
+            raise ValueError("env.qa.tools has 'search' but no corpus: give --env.qa.corpus-files PASSAGES.jsonl")
+        if "search" in self.tools:
+            _search(tuple(self.corpus_files), self.search_k)  # a bad corpus file stops the run here
         for name in self.tools:
             if name not in TOOL_CLASSES:
                 raise ValueError(f"env.qa.tools: unknown tool {name!r} (tools: {', '.join(TOOL_CLASSES)})")
@@ -81,6 +105,16 @@ class QAConfig:
 def _records(files: tuple[str, ...]) -> tuple[Record, ...]:
     """The records of `files`, read once per process however many envs a runner builds."""
     return tuple(load_dataset(list(files)))
+
+
+def oracle_calls(record: Record) -> list[ToolCall]:
+    """The record's optional `tool_calls` field, the calls a demonstration makes before answering."""
+    raw = record.fields.get("tool_calls", [])
+    if not isinstance(raw, list) or not all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                                            and isinstance(c.get("arguments", {}), dict) for c in raw):
+        raise ValueError(f"{record.source}: field 'tool_calls' must be a list of "
+                         '{"name": TOOL, "arguments": {...}} objects')
+    return [ToolCall(c["name"], dict(c.get("arguments", {}))) for c in raw]
 
 
 _FORMAT_HELP = {
@@ -104,9 +138,12 @@ class QA:
         self.train = _records(tuple(cfg.train_files))
         self.val = _records(tuple(cfg.val_files)) if cfg.val_files else self.train
         self.reward_fn = get_reward(cfg.reward)
-        self.tools: dict[str, Tool] = {name: TOOL_CLASSES[name]() for name in cfg.tools}
+        self.tools: dict[str, Tool] = {name: make_tool(name, cfg) for name in cfg.tools}
         self.parse = ACTION_FORMATS[cfg.action_format]
         self.max_turns = cfg.max_turns if self.tools else 1
+        if self.tools:
+            for record in self.train:
+                oracle_calls(record)  # a malformed `tool_calls` field stops the run before any work
         self.split = "train"
         self._orders: dict[int, list[int]] = {}
         self.record: Record | None = None
@@ -137,6 +174,8 @@ class QA:
         question = " ".join(record.question.split())
         if not self.tools:
             return f"Question: {question}\nAnswer:\n"
+        if not self.cfg.instructions:
+            return f"Question: {question}\n"
         tools = "; ".join(f"{t.name} ({', '.join(t.parameters)}): {t.description}" for t in self.tools.values())
         return f"Tools: {tools}\n{_FORMAT_HELP[self.cfg.action_format]}\nQuestion: {question}\n"
 
@@ -172,13 +211,15 @@ class QA:
         return [self._answer_text(r.answer) for r in self.train[:64]]
 
     def _answer_text(self, answer: str) -> str:
-        if not self.tools:
-            return answer
-        return json.dumps({"answer": answer}) if self.cfg.action_format == "json" else f"Final Answer: {answer}"
+        return format_answer(answer, self.cfg.action_format) if self.tools else answer
 
     def oracle_action(self) -> str:
-        """The reference answer, in the reply format."""
+        """The demonstration for this turn: with tools, the record's `tool_calls` in order (a list of
+        {"name": ..., "arguments": {...}}, optional), then the reference answer, in the reply format."""
         assert self.record is not None, "reset() first"
+        calls = oracle_calls(self.record) if self.tools else []
+        if self._turn < len(calls) and self._turn < self.max_turns - 1:
+            return format_call(calls[self._turn], self.cfg.action_format)
         return self._answer_text(self.record.answer)
 
     def random_valid_action(self, rng: random.Random) -> str:
@@ -188,7 +229,7 @@ class QA:
     def observation_texts(self) -> list[str]:
         records = self.train if self.val is self.train else (*self.train, *self.val)
         texts = [self.prompt(r) for r in records]
-        texts += ["incorrect\n", "error: " + "x" * 120 + "\n"]
-        if self.tools:
-            texts.append("Observation: " + "x" * self.cfg.max_tool_chars + "\n")
+        texts += ["correct\n", "incorrect\n"]
+        if self.tools:  # only replies with tools can fail to parse or call
+            texts += ["error: " + "x" * 120 + "\n", "Observation: " + "x" * self.cfg.max_tool_chars + "\n"]
         return texts

@@ -13,6 +13,10 @@ JSON (`parse_json_call`): `{"name": "calculator", "arguments": {"expression": "2
 utterance (in a code fence or <tool_call> tags too; `arguments` may itself be a JSON string), or
 `{"answer": "5"}`.
 
+A call of a tool named `answer` is a final answer too (`{"name": "answer", "arguments": {"answer": "5"}}`,
+`Action: answer Action Input: 5`), the way agent recipes end an episode with an answer tool.
+`format_call` / `format_answer` write what the parsers read (the oracle's demonstrations).
+
 Malformed output never raises: it comes back as `Unparsed(reason)`, which the environment shows the agent
 as an observation. The first call in an utterance counts; text around it is ignored.
 """
@@ -78,6 +82,8 @@ def parse_react(text: str, tools: dict[str, Tool]) -> Parsed:
             return Unparsed("'Action Input' JSON must be an object")
         return ToolCall(name, arguments)
     arguments = _single_argument(tools.get(name), raw)
+    if name == "answer" and name not in tools:
+        arguments = {"answer": raw}  # the answer tool's one argument (read as a final answer)
     if arguments is None:
         if name not in tools:
             return ToolCall(name, {})  # run_tool answers with the list of tools
@@ -127,4 +133,42 @@ def parse_json_call(text: str, tools: dict[str, Tool]) -> Parsed:
     return ToolCall(name.strip(), arguments)
 
 
-ACTION_FORMATS = {"react": parse_react, "json": parse_json_call}
+def _answer_tool(parse):
+    """`parse`, reading a call of the `answer` tool as a final answer (unless a real tool is named so)."""
+    def parse_with_answer_tool(text: str, tools: dict[str, Tool]) -> Parsed:
+        out = parse(text, tools)
+        if isinstance(out, ToolCall) and out.name.lower() == "answer" and "answer" not in tools:
+            value = out.arguments.get("answer")
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+                return Unparsed('the answer tool takes one argument, "answer": a non-empty string or number')
+            return FinalAnswer(str(value).strip())
+        return out
+
+    parse_with_answer_tool.__name__ = parse.__name__
+    return parse_with_answer_tool
+
+
+ACTION_FORMATS = {"react": _answer_tool(parse_react), "json": _answer_tool(parse_json_call)}
+"""Format name → parser, each reading the `answer` tool as a final answer."""
+
+
+def format_call(call: ToolCall, action_format: str) -> str:
+    """One line the format's parser reads back as `call` (a one-argument tool's ReAct input is the bare value)."""
+    if action_format == "json":
+        return json.dumps({"name": call.name, "arguments": call.arguments})
+    if action_format == "react":
+        if len(call.arguments) == 1 and isinstance(next(iter(call.arguments.values())), str):
+            value = next(iter(call.arguments.values()))
+        else:
+            value = json.dumps(call.arguments)
+        return f"Action: {call.name} Action Input: {value}"
+    raise ValueError(f"unknown action format {action_format!r} (formats: json, react)")
+
+
+def format_answer(answer: str, action_format: str) -> str:
+    """One line the format's parser reads back as the final answer `answer`."""
+    if action_format == "json":
+        return json.dumps({"answer": answer})
+    if action_format == "react":
+        return f"Final Answer: {answer}"
+    raise ValueError(f"unknown action format {action_format!r} (formats: json, react)")
