@@ -146,6 +146,9 @@ class BaselineConfig:
     length_norm: bool = False
     """reinforce / grpo / rloo / remax: weigh each utterance's mean token log-prob (GRPO's 1/|o| Σ_t) instead of
     its sum (the default: Dr. GRPO's unbiased form, long and short utterances alike)."""
+    episode_weighting: bool = False
+    """grpo / rloo / remax: weigh every episode the same in the loss (its turns share its weight) instead of
+    every turn (the default, verl / RAGEN's trajectory-level credit); see on_policy.turn_weights."""
     update_epochs: int = 1
     """reinforce / grpo / rloo / reinforce_pp: passes over each iteration's rollouts."""
     token_gamma: float = 1.0
@@ -611,6 +614,8 @@ def _merge(instance: Any, values: dict, path: str) -> Any:
             updates[key] = _merge(current, value, f"{path}{key}.")
         else:
             _check_value(f"{path}{key}", hints[key], current, value)
+            if isinstance(value, list) and typing.get_origin(hints[key]) is tuple:
+                value = tuple(value)  # YAML lists fill tuple fields (tyro then sees the declared type)
             updates[key] = value
     return dataclasses.replace(instance, **updates)
 

@@ -18,6 +18,19 @@ def test_turn_weights_give_every_turn_its_episode_advantage():
     assert turn_weights(torch.tensor([]), []).tolist() == []
 
 
+def test_episode_weighting_shares_each_episodes_advantage_among_its_turns():
+    # a success in 2 turns and a failure in 3: mean length 2.5, so scales 2.5/2 and 2.5/3
+    w = turn_weights(torch.tensor([1.0, -1.0]), [2, 3], per_episode=True)
+    assert w.tolist() == pytest.approx([1.25, 1.25, -2.5 / 3, -2.5 / 3, -2.5 / 3])
+    assert w[:2].sum() == pytest.approx(-w[2:].sum())  # each episode's turns carry |A| x mean length
+    plain = turn_weights(torch.tensor([1.0, -1.0]), [2, 3])
+    assert plain.sum() == -1.0  # per turn, the longer failure outweighs the success
+    same = [2, 2, 2]  # equal lengths: no change
+    assert torch.equal(turn_weights(torch.tensor([0.5, -1.0, 2.0]), same, per_episode=True),
+                       turn_weights(torch.tensor([0.5, -1.0, 2.0]), same))
+    assert turn_weights(torch.tensor([]), [], per_episode=True).tolist() == []
+
+
 def test_grpo_and_rloo_advantages_by_hand():
     returns = torch.tensor([1.0, 0.0, 0.0, 0.5, 0.5, 1.0])
     groups = torch.tensor([7, 7, 7, 9, 9, 9])  # two groups of three (env seeds 7 and 9)

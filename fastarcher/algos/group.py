@@ -9,7 +9,8 @@ G responses per prompt). Each episode's return R_e is compared with the other ep
 - `rloo` (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740): A_e = R_e − mean_{j≠e in g} R_j.
 
 Credit is trajectory-level, as verl / RAGEN do for multi-turn outcome rewards: every turn of an episode
-gets its episode's advantage, and the loss is −mean over turns of A · Σ_h log π(a_h | s, a_<h) (no ratio
+gets its episode's advantage (`--baseline.episode-weighting`: divided among the episode's turns, so every
+episode weighs the same), and the loss is −mean over turns of A · Σ_h log π(a_h | s, a_<h) (no ratio
 clipping: one on-policy pass per `baseline.update_epochs`). Groups never straddle ranks (the loop deals
 whole groups to each rank), so the baselines need no communication.
 """
@@ -40,8 +41,8 @@ class _GroupPolicyGradient(KLPolicyGradient):
         groups = torch.tensor([e.seed for e in kept], dtype=torch.long)  # (E,) the group is the env seed
         advantage = self.advantages(returns, groups)
         bag.add({"actor/episode_advantage_abs": advantage.abs().mean() if len(advantage) else torch.zeros(())})
-        weights = turn_weights(advantage, turns)
         cfg = self.ctx.cfg
+        weights = turn_weights(advantage, turns, per_episode=cfg.baseline.episode_weighting)
         out = on_policy_update(self.ctx, batch, bag, weights, pg_loss_for(cfg.baseline), epochs=cfg.baseline.update_epochs,
                                kl=self.kl)
         return {**out, **self.kl.end_iteration(cfg.rollout.num_envs)}

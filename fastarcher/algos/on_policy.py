@@ -50,10 +50,18 @@ class PolicyTokens:
 LossFn = Callable[[PolicyTokens], tuple[Tensor, dict[str, Tensor]]]
 
 
-def turn_weights(episode_values: Tensor, turns_per_episode: list[int]) -> Tensor:
+def turn_weights(episode_values: Tensor, turns_per_episode: list[int], *, per_episode: bool = False) -> Tensor:
     """Every turn of episode e gets the episode's value (an advantage, a keep flag): (sum of turns,) in the
-    order `RolloutResult.transitions` lists the turns (episode by episode)."""
+    order `RolloutResult.transitions` lists the turns (episode by episode).
+
+    per_episode: scale episode e's turns by T̄ / T_e (T_e its turns, T̄ the mean over episodes), so that each
+    episode weighs the same in the loss whatever its length; the weights still sum to Σ_e value_e · T̄.
+    Without it an episode counts once per turn, and when failures take more turns than successes (an agent
+    that retries), the negative advantages outweigh the positive ones even where they sum to zero."""
     counts = torch.tensor(turns_per_episode, dtype=torch.long)
+    if per_episode and len(turns_per_episode):
+        scale = counts.float().mean() / counts.clamp(min=1).float()
+        episode_values = episode_values * scale.to(episode_values.dtype)
     return torch.repeat_interleave(episode_values, counts)
 
 

@@ -44,6 +44,7 @@ class ReMax(KLPolicyGradient):
         advantage = remax_advantages(returns, baseline)
         bag.add({"actor/greedy_return_mean": baseline.mean() if len(baseline) else torch.zeros(()),
                  "count/remax_missing_baselines": float(missing)})
-        out = on_policy_update(self.ctx, batch, bag, turn_weights(advantage, turns), pg_loss_for(cfg.baseline),
+        weights = turn_weights(advantage, turns, per_episode=cfg.baseline.episode_weighting)
+        out = on_policy_update(self.ctx, batch, bag, weights, pg_loss_for(cfg.baseline),
                                epochs=cfg.baseline.update_epochs, kl=self.kl)
         return {**out, **self.kl.end_iteration(cfg.rollout.num_envs)}

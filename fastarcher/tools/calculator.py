@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import warnings
 from typing import Any
 
 from fastarcher.tools.base import ToolError
@@ -80,7 +81,9 @@ def evaluate_expression(expression: str) -> int | float:
     if len(expression) > MAX_CHARS:
         raise ToolError(f"the expression is longer than {MAX_CHARS} characters")
     try:
-        tree = ast.parse(expression.strip().replace("^", "**").replace("×", "*").replace("÷", "/"), mode="eval")
+        with warnings.catch_warnings():  # "1if" and the like warn before they fail: the agent sees the error only
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expression.strip().replace("^", "**").replace("×", "*").replace("÷", "/"), mode="eval")
     except SyntaxError:
         raise ToolError("the expression does not parse") from None
     return _eval(tree)
