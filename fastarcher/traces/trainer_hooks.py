@@ -1,4 +1,5 @@
-"""The traces in the trainer: what the ArCHer actor step hands to the influence and entropy tracers.
+"""The traces in the trainer: what a policy step hands to the influence and entropy tracers (ArCHer's actor
+step in fastarcher/algos/archer.py, every on-policy algorithm's in fastarcher/algos/on_policy.py `policy_step`).
 
     python -m fastarcher.train --config configs/tiny_cpu.yaml --trace.influence.enabled --trace.entropy.enabled
     python -m fastarcher.traces.view runs/tiny_cpu --step 12
@@ -14,7 +15,8 @@ backward in `actor_micro_batch(...)`, then calls `finish_step(step)` before the 
 
 What is traced, in the tracers' terms (docs/traces.md, "Using traces in training"):
 - token_ids (B, S + A): the sequence the policy actually runs on, [left-padded state ⊕ right-padded
-  fresh action a′] (`fastarcher.policy.action_logprobs`); response_mask is 1 on the action tokens.
+  action: ArCHer's fresh a′, the on-policy algorithms' sampled utterance]
+  (`fastarcher.policy.action_logprobs`); response_mask is 1 on the action tokens.
   The last state token sits at column S − 1 of every row, so the position that predicts action token
   h is S − 1 + h, as the tracers read it (target t from position t − 1); `lm_head` sees only the last
   A + 1 positions (`logits_to_keep`), a tail of the sequence, which the influence tracer handles.
