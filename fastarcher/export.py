@@ -8,6 +8,12 @@ With FSDP2 the shards are gathered into full tensors (a collective: every rank c
 writes the folder; the result loads anywhere with `AutoModelForCausalLM.from_pretrained(folder)` and
 `AutoTokenizer.from_pretrained(folder)`. The folder is written under a temporary name and renamed, so
 a crash never leaves a half-written export.
+
+With the run's config (`run_config`, the trainer and checkpoints pass it) the folder also says how the
+policy was used, so that plain `transformers` generation behaves like fastarcher's engine:
+`generation_config.json` stops at the utterance stop token (newline) as well as at EOS, greedy, with the
+run's `max_new_tokens`; `fastarcher.json` holds the same facts machine-readably (stop token, context
+window, whether decoding was constrained to an action set, env, algorithm); `README.md` explains them.
 """
 
 from __future__ import annotations
@@ -50,8 +56,68 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def export_policy(policy: nn.Module, tokenizer, out_dir: str | Path) -> Path:
-    """Write `policy` (possibly FSDP2-sharded) and `tokenizer` to `out_dir` as a Hugging Face folder."""
+def usage_facts(tokenizer, run_config: dict) -> dict:
+    """What a user of the exported policy must reproduce to get the trained behaviour (plain data)."""
+    from fastarcher.model import stop_token_id
+
+    rollout, env = run_config.get("rollout", {}), run_config.get("env", {})
+    return {
+        "stop_token_id": stop_token_id(tokenizer),
+        "stop_text": "\n",
+        "max_new_tokens": int(rollout.get("max_new_tokens", 16)),
+        "context_tokens": int(rollout.get("context_tokens", 0)),
+        "constrained_actions": bool(rollout.get("constrain_actions", True)),
+        "env": str(env.get("name", "")),
+        "algo": str(run_config.get("algo", "")),
+    }
+
+
+def _card(facts: dict) -> str:
+    window = (f"The policy saw only the last {facts['context_tokens']} tokens of the dialogue: feed it the same "
+              f"window (`ids[-{facts['context_tokens']}:]`), or it meets contexts it was never trained on."
+              if facts["context_tokens"] else "The policy saw the whole dialogue (no context window).")
+    constrained = ("Decoding was constrained to the environment's action set during training (fastarcher adds the "
+                   "stop token after a complete action): unconstrained `generate` can write text outside that set."
+                   if facts["constrained_actions"] else
+                   "Decoding was free (unconstrained), as plain `generate` is: its greedy replies are the engine's.")
+    return f"""# fastarcher policy ({facts['algo']} on {facts['env']})
+
+A causal LM trained by fastarcher. Each reply of the agent is one utterance that ends with a newline
+(token id {facts['stop_token_id']}), at most {facts['max_new_tokens']} tokens; the dialogue is the plain
+concatenation of observations and replies, tokenised with the tokenizer in this folder.
+
+{window}
+
+{constrained}
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(FOLDER)
+tokenizer = AutoTokenizer.from_pretrained(FOLDER)
+ids = tokenizer(dialogue_so_far, return_tensors="pt").input_ids
+reply = model.generate(ids)[0, ids.shape[1]:]   # generation_config.json: greedy, stops at the newline
+```
+
+`fastarcher.json` holds these facts for programs.
+"""
+
+
+def _write_usage(folder: Path, tokenizer, run_config: dict) -> None:
+    import json
+
+    from transformers import GenerationConfig
+
+    facts = usage_facts(tokenizer, run_config)
+    stops = [facts["stop_token_id"]] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    GenerationConfig(eos_token_id=list(dict.fromkeys(stops)), pad_token_id=tokenizer.pad_token_id, do_sample=False,
+                     max_new_tokens=facts["max_new_tokens"]).save_pretrained(folder)
+    (folder / "fastarcher.json").write_text(json.dumps(facts, indent=2) + "\n")
+    (folder / "README.md").write_text(_card(facts))
+
+
+def export_policy(policy: nn.Module, tokenizer, out_dir: str | Path, *, run_config: dict | None = None) -> Path:
+    """Write `policy` (possibly FSDP2-sharded) and `tokenizer` to `out_dir` as a Hugging Face folder; with the
+    run's config (a `TrainConfig` as a dict), also how to use it outside fastarcher (module docstring)."""
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
@@ -73,6 +139,8 @@ def export_policy(policy: nn.Module, tokenizer, out_dir: str | Path) -> Path:
         with _quiet_transformers():
             clean.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            if run_config is not None:
+                _write_usage(tmp, tokenizer, run_config)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -96,11 +164,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     problems = check_checkpoint(path)
     if problems:
         raise CheckpointError(f"{path} cannot be exported: " + "; ".join(problems))
-    model_cfg = ModelConfig(**read_run_state(path)["config"]["model"])
-    policy, tokenizer = load_policy(model_cfg)
+    run_config = read_run_state(path)["config"]
+    policy, tokenizer = load_policy(ModelConfig(**run_config["model"]))
     state = {"policy": {k: v for k, v in policy.state_dict().items() if k not in tied_aliases(policy)}}
     load_dcp(state, path / "model")  # in place, into the policy's own tensors (tied ones follow)
-    return export_policy(policy, tokenizer, out_dir)
+    return export_policy(policy, tokenizer, out_dir, run_config=run_config)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -314,7 +314,7 @@ class Trainer:
         if self.cfg.checkpoint.export_hf:
             from fastarcher.export import export_policy
 
-            out = export_policy(self.policy, self.tokenizer, self.run_dir / "hf_policy")
+            out = export_policy(self.policy, self.tokenizer, self.run_dir / "hf_policy", run_config=to_dict(self.cfg))
             self.logger.print(f"export: policy saved as a Hugging Face folder in {out}")
 
     def finish(self, summary: dict[str, float]) -> None:

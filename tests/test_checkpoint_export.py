@@ -98,3 +98,51 @@ def test_export_cli_refuses_a_damaged_checkpoint(trained, tmp_path):
     empty.mkdir()
     with pytest.raises(SystemExit, match=r"export error: .* is neither a checkpoint"):
         main([str(empty), str(tmp_path / "out")])
+
+
+def test_the_export_says_how_the_policy_was_used(trained):
+    _, run_dir = trained
+    folder = run_dir / "hf_policy"
+    facts = json.loads((folder / "fastarcher.json").read_text())
+    assert facts == {"stop_token_id": facts["stop_token_id"], "stop_text": "\n", "max_new_tokens": 4,
+                     "context_tokens": 22, "constrained_actions": True, "env": "frozenlake", "algo": "archer"}
+    gen = json.loads((folder / "generation_config.json").read_text())
+    assert facts["stop_token_id"] in gen["eos_token_id"] and gen["max_new_tokens"] == 4
+    assert not gen.get("do_sample", False)
+    card = (folder / "README.md").read_text()
+    assert "last 22 tokens" in card and "constrained" in card and f"token id {facts['stop_token_id']}" in card
+
+
+def test_plain_generate_on_an_exported_free_form_policy_gives_the_engines_greedy_replies(tmp_path):
+    """A policy trained with free decoding (the qa env on sums, a short warm start so it has learnt to end
+    its replies), exported and run with nothing but transformers' `generate`: the same tokens as fastarcher's
+    engine under greedy decoding, stop token included."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastarcher.rollout.base import SamplingParams
+    from fastarcher.rollout.hf_engine import HFEngine
+
+    run_dir = tmp_path / "run"
+    flags = ["--config", "configs/math_rlvr_traces_cpu.yaml", "--iterations", "1", "--warm-start.steps", "40",
+             "--rollout.num-envs", "16", "--eval.episodes", "8", "--eval.no-random-baseline", "--log.no-progress",
+             "--trace.influence.no-enabled", "--trace.entropy.no-enabled", "--device", "cpu", "--log.run-dir", str(run_dir)]
+    done = subprocess.run([sys.executable, "-m", "fastarcher.train", *flags], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = run_dir / "hf_policy"
+    assert json.loads((folder / "fastarcher.json").read_text())["constrained_actions"] is False
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    records = [json.loads(line) for line in (REPO / "examples" / "data" / "sums.jsonl").read_text().splitlines()]
+    prompts = [tokenizer.encode(f"Question: {r['question']}\nAnswer:\n", add_special_tokens=False) for r in records]
+    stop = json.loads((folder / "fastarcher.json").read_text())["stop_token_id"]
+    engine = HFEngine(AutoModelForCausalLM.from_pretrained(folder), pad_id=tokenizer.pad_token_id,
+                      device=torch.device("cpu"))
+    ours = engine.generate(prompts, SamplingParams(greedy=True, max_new_tokens=3, stop_token_id=stop)).token_ids
+    plain = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+            plain.append(out[0, len(ids):].tolist())
+    assert plain == ours
+    assert sum(reply[-1:] == [stop] for reply in ours) >= 50  # most replies end with the learnt stop token

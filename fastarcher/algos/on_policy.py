@@ -107,7 +107,7 @@ def policy_step(ctx, transitions: TransitionBatch, rows: Tensor, weights: Tensor
     traces = actor.traces if trace_step is not None and actor.traces is not None else None
     scored_len = sampled_len if sampled_len is not None else mb.action_len
     with (traces.actor_micro_batch(trace_step, mb.state_ids, mb.state_len, mb.action_ids, scored_len,
-                                   advantage=row_weights(w, mb, scored_len), q_value=mb.mc_return.float())
+                                   advantage=row_weights(w, scored_len), q_value=mb.mc_return.float())
           if traces is not None else contextlib.nullcontext()) as trace:  # forward + backward inside
         out = actor.token_logprobs(mb.state_ids, mb.state_len, mb.action_ids, mb.action_len, sampled_len=sampled_len,
                                    log_distribution=full)
@@ -127,7 +127,7 @@ def policy_step(ctx, transitions: TransitionBatch, rows: Tensor, weights: Tensor
                                                          loss=loss)})
 
 
-def row_weights(weights: Tensor, mb: TransitionBatch, scored_len: Tensor) -> Tensor:
+def row_weights(weights: Tensor, scored_len: Tensor) -> Tensor:
     """(B,) one number per utterance for the traces' accepted/rejected split: the weight itself, or the mean of
     per-token weights (B, A) over the scored tokens."""
     if weights.dim() == 1:
