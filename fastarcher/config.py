@@ -337,6 +337,14 @@ class LogConfig:
     """Log to Weights & Biases (offline mode when no API key is set)."""
     wandb_project: str = "fastarcher"
     """W&B project name."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user; default: the API key's)."""
+    wandb_name: str | None = None
+    """W&B run name (default: the run folder's name)."""
+    wandb_group: str | None = None
+    """W&B group, e.g. one per sweep or study."""
+    wandb_tags: tuple[str, ...] = ()
+    """W&B tags."""
     progress: bool = True
     """Show a progress bar and per-iteration lines on the console."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -28,9 +29,32 @@ CONSOLE_KEYS = (
 )
 
 
+WANDB_ID_FILE = "wandb_run_id"
+"""Run folder file holding the W&B run id, so that a resumed run (same run folder) continues the same W&B run."""
+
+
+def _init_wandb(run_dir: Path, config: dict, project: str):
+    """`wandb.init` for this run folder: a new run the first time, the same run (resume='allow') after."""
+    import secrets
+
+    import wandb
+
+    log = config.get("log", {})
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else ""
+    if not re.fullmatch(r"[a-z0-9]{8,32}", run_id):  # absent, or not an id this code wrote: start a new run
+        run_id = secrets.token_hex(8)
+        id_file.write_text(run_id + "\n")
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return wandb.init(project=project, entity=log.get("wandb_entity"), name=log.get("wandb_name") or run_dir.name,
+                      group=log.get("wandb_group"), tags=list(log.get("wandb_tags") or ()) or None, config=config,
+                      dir=str(run_dir), mode=mode, id=run_id, resume="allow")
+
+
 class RunLogger:
     def __init__(self, run_dir: str | Path, *, is_main: bool, total_iterations: int, progress: bool = True,
                  wandb_config: dict | None = None, wandb_project: str = "fastarcher"):
+        """wandb_config: the run's config as a dict, or None for no W&B; its `log.wandb_*` fields name the run."""
         self.run_dir = Path(run_dir)
         self.is_main = is_main
         self.console = Console(stderr=True)
@@ -49,10 +73,7 @@ class RunLogger:
             self._task = self._progress.add_task("train", total=total_iterations)
             self._progress.start()
         if wandb_config is not None:
-            import wandb
-
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-            self._wandb = wandb.init(project=wandb_project, config=wandb_config, dir=str(self.run_dir), mode=mode)
+            self._wandb = _init_wandb(self.run_dir, wandb_config, wandb_project)
 
     def print(self, message: str) -> None:
         if self.is_main:
