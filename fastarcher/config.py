@@ -344,7 +344,7 @@ class LogConfig:
     wandb_group: str | None = None
     """W&B group, e.g. one per sweep or study."""
     wandb_tags: tuple[str, ...] = ()
-    """W&B tags."""
+    """W&B tags of the run."""
     progress: bool = True
     """Show a progress bar and per-iteration lines on the console."""
 
@@ -656,11 +656,33 @@ def read_yaml(path: Path) -> Any:
         raise ValueError(f"config preset {str(path)!r} is not valid YAML{where}: {problem}") from None
 
 
+SHIPPED_PRESETS = Path(__file__).resolve().parent.parent / "configs"
+"""The presets shipped with fastarcher (the repository's configs/, installed beside the package)."""
+
+
+def shipped_presets() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_PRESETS.glob("*.yaml"))
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """`path` if it is a file; else a shipped preset: by name (`tiny_cpu`) or by its path in the repository
+    (`configs/tiny_cpu.yaml`), from any working directory."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    candidates = [SHIPPED_PRESETS / given.name] if given.suffix == ".yaml" and given.parent == Path("configs") else []
+    if given.suffix == "" and given.parent == Path("."):
+        candidates.append(SHIPPED_PRESETS / f"{given.name}.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    names = ", ".join(shipped_presets()) or "none found"
+    raise ValueError(f"config preset {str(path)!r} does not exist: give a YAML file or a shipped preset by name ({names})")
+
+
 def load_preset(path: str | Path) -> TrainConfig:
-    """TrainConfig with the YAML preset's values applied over the built-in defaults."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config preset {str(path)!r} does not exist (see configs/ for the presets)")
+    """TrainConfig with the YAML preset's values applied over the built-in defaults (`resolve_preset`)."""
+    path = resolve_preset(path)
     values = read_yaml(path)
     values = {} if values is None else values
     if not isinstance(values, dict):

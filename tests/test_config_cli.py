@@ -232,3 +232,17 @@ def test_cli_config_error_exits_nonzero_with_the_message(tmp_path):
     assert proc.returncode == 1, describe(proc)
     assert "config error: replay.capacity (-5) must be positive" in proc.stderr
     assert not Path(run_dir).exists()
+
+
+def test_shipped_presets_load_by_name_from_any_folder(tmp_path, monkeypatch):
+    from fastarcher.config import resolve_preset, shipped_presets
+
+    monkeypatch.chdir(tmp_path)  # not the repository root
+    assert {"tiny_cpu", "math_rlvr_traces_cpu"} <= set(shipped_presets())
+    assert resolve_preset("tiny_cpu") == resolve_preset("configs/tiny_cpu.yaml") == REPO / "configs" / "tiny_cpu.yaml"
+    assert load_preset("tiny_cpu") == dataclasses.replace(load_preset(REPO / "configs" / "tiny_cpu.yaml"),
+                                                        config=str(REPO / "configs" / "tiny_cpu.yaml"))
+    (tmp_path / "tiny_cpu.yaml").write_text("iterations: 7\n")  # a file given by path wins over the name
+    assert load_preset("tiny_cpu.yaml").iterations == 7 and load_preset("tiny_cpu").iterations == 250
+    with pytest.raises(ValueError, match=r"'tiny' does not exist: .*shipped preset by name \(.*tiny_cpu"):
+        load_preset("tiny")
