@@ -98,8 +98,9 @@ def _record(value: Any, where: str) -> Record:
     return Record(question=question, answer=str(answer), fields=fields, source=where)
 
 
-def load_records(path: str | Path) -> list[Record]:
-    """Every record of one .json or .jsonl file, checked (DatasetError names file, line and field)."""
+def read_json_items(path: str | Path) -> list[tuple[int, Any]]:
+    """(line, value) of every item of one .json file (a list) or .jsonl file (one per line), read as plain
+    JSON; DatasetError names the file and line of a problem. Shared by datasets and retrieval corpora."""
     path = Path(path)
     shown = str(path)
     if path.suffix not in (".json", ".jsonl"):
@@ -110,10 +111,15 @@ def load_records(path: str | Path) -> list[Record]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise DatasetError(f"{shown}: not UTF-8 text (byte {error.start})") from None
-    items = _json_list_items(text, shown) if path.suffix == ".json" else _jsonl_items(text, shown)
+    return _json_list_items(text, shown) if path.suffix == ".json" else _jsonl_items(text, shown)
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Every record of one .json or .jsonl file, checked (DatasetError names file, line and field)."""
+    items = read_json_items(path)
     if not items:
-        raise DatasetError(f"{shown}: holds no records")
-    return [_record(value, f"{shown}:{line}") for line, value in items]
+        raise DatasetError(f"{path}: holds no records")
+    return [_record(value, f"{path}:{line}") for line, value in items]
 
 
 def load_dataset(paths: list[str]) -> list[Record]:

@@ -8,12 +8,10 @@ idf(t) = ln(1 + (N − n(t) + 0.5) / (n(t) + 0.5)); terms are lower-case runs of
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastarcher.tools.base import ToolError
@@ -54,25 +52,14 @@ class BM25:
         return out
 
 
-def _parse(name: str, text: str, first_line: int) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{name}:{first_line + error.lineno - 1}: invalid JSON: {error.msg}") from None
-
-
 def load_corpus(files: list[str] | tuple[str, ...]) -> list[Passage]:
-    """The passages of `files`; a bad file raises ValueError naming file, line and field."""
+    """The passages of `files` (read by `fastarcher.data.read_json_items`); a bad file raises ValueError naming
+    file, line and field."""
+    from fastarcher.data import read_json_items
+
     passages: list[Passage] = []
     for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise ValueError(f"{name}: corpus file not found")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            items = list(enumerate(_parse(name, text, 1), 1))
-        else:
-            items = [(i, _parse(name, line, i)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        items = read_json_items(name)
         for line, item in items:
             if not isinstance(item, dict) or not isinstance(item.get("text"), str) or not item["text"].strip():
                 raise ValueError(f"{name}:{line}: a passage needs 'text', a non-empty string")
