@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Hashable
@@ -680,6 +681,21 @@ def resolve_preset(path: str | Path) -> Path:
     raise ValueError(f"config preset {str(path)!r} does not exist: give a YAML file or a shipped preset by name ({names})")
 
 
+PRESET_DATA_FIELDS = ("train_files", "val_files", "corpus_files")
+"""`env.qa` file lists that a preset names relative to its own folder (flags stay relative to the working
+directory)."""
+
+
+def _data_paths_from(cfg: TrainConfig, folder: Path) -> TrainConfig:
+    """`cfg` with the preset's relative data files joined to the preset's folder, so that a preset loads the
+    same files from any working directory (shipped presets by name included)."""
+    def join(name: str) -> str:
+        return name if Path(name).is_absolute() else os.path.normpath(folder / name)
+
+    qa = dataclasses.replace(cfg.env.qa, **{f: tuple(join(n) for n in getattr(cfg.env.qa, f)) for f in PRESET_DATA_FIELDS})
+    return dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, qa=qa))
+
+
 def load_preset(path: str | Path) -> TrainConfig:
     """TrainConfig with the YAML preset's values applied over the built-in defaults (`resolve_preset`)."""
     path = resolve_preset(path)
@@ -688,6 +704,7 @@ def load_preset(path: str | Path) -> TrainConfig:
     if not isinstance(values, dict):
         raise ValueError(f"config preset {str(path)!r} must hold a mapping of fields")
     cfg = _merge(TrainConfig(), values, "")
+    cfg = _data_paths_from(cfg, path.parent)
     if cfg.env.max_turns is not None:
         # A preset is shared: its turn limit must not follow `--env.name` onto another env.
         where = "env.options.max_turns" if cfg.env.user_env else f"env.{cfg.env.name}.max_turns"

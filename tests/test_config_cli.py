@@ -35,17 +35,18 @@ def leaf_flags(instance, prefix: str = "") -> dict[str, object]:
 
 def help_entries(text: str) -> dict[str, str]:
     """tyro's boxed help → {flag: description (whitespace collapsed)}."""
-    entries, current = {}, None
+    entries, current = {}, []
     for raw in text.splitlines():
         line = raw.strip().strip("│").strip()
         if raw.strip().startswith(("╭", "╰")) or line.startswith("─"):
-            current = None
+            current = []
             continue
         if line.startswith("--"):
-            current = line.split()[0].rstrip(",")
-            entries[current] = ""
-        elif current is not None:
-            entries[current] = (entries[current] + " " + line).strip()
+            current = re.findall(r"(?:^|, )(--[\w.-]+)", line)  # a flag and its aliases
+            entries.update({flag: "" for flag in current})
+        else:
+            for flag in current:
+                entries[flag] = (entries[flag] + " " + line).strip()
     return {flag: re.sub(r"\s+", " ", desc) for flag, desc in entries.items()}
 
 
@@ -246,3 +247,11 @@ def test_shipped_presets_load_by_name_from_any_folder(tmp_path, monkeypatch):
     assert load_preset("tiny_cpu.yaml").iterations == 7 and load_preset("tiny_cpu").iterations == 250
     with pytest.raises(ValueError, match=r"'tiny' does not exist: .*shipped preset by name \(.*tiny_cpu"):
         load_preset("tiny")
+
+
+def test_dataset_flags_have_agentfly_style_aliases():
+    long = parse_config(["--env.name", "qa", "--env.qa.train-files", "a.jsonl", "b.json", "--env.qa.val-files", "v.jsonl",
+                         "--env.qa.reward", "qa_f1"])
+    short = parse_config(["--env.name", "qa", "--data.train-files", "a.jsonl", "b.json", "--data.val-files", "v.jsonl",
+                          "--reward.name", "qa_f1"])
+    assert short == long and short.env.qa.train_files == ("a.jsonl", "b.json") and short.env.qa.reward == "qa_f1"

@@ -22,7 +22,9 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
+
+import tyro
 
 from fastarcher.data import Record, load_dataset
 from fastarcher.envs.base import check_positive
@@ -52,11 +54,11 @@ def _search(files: tuple[str, ...], k: int) -> Search:
 class QAConfig:
     """Settings of the `qa` env."""
 
-    train_files: tuple[str, ...] = ()
+    train_files: Annotated[tuple[str, ...], tyro.conf.arg(aliases=("--data.train-files",))] = ()
     """Training records: .json (a list of objects) or .jsonl files, each object with `question` and `answer`."""
-    val_files: tuple[str, ...] = ()
+    val_files: Annotated[tuple[str, ...], tyro.conf.arg(aliases=("--data.val-files",))] = ()
     """Evaluation records (default: the training files)."""
-    reward: str = "math_equiv"
+    reward: Annotated[str, tyro.conf.arg(aliases=("--reward.name",))] = "math_equiv"
     """Reward function: exact_match, normalized_match, qa_em, qa_f1, math_equiv, or `package.module:function`."""
     tools: tuple[Literal["calculator", "python", "search"], ...] = ()
     """Tools the agent may call (none: the first reply is the answer); an `answer` tool call is always a final answer."""
