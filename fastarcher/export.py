@@ -58,12 +58,14 @@ def _quiet_transformers():
 
 def usage_facts(tokenizer, run_config: dict) -> dict:
     """What a user of the exported policy must reproduce to get the trained behaviour (plain data)."""
-    from fastarcher.model import stop_token_id
+    from fastarcher.chat import dialogue_format, stop_id_of
 
-    rollout, env = run_config.get("rollout", {}), run_config.get("env", {})
+    rollout, env, model = run_config.get("rollout", {}), run_config.get("env", {}), run_config.get("model", {})
+    fmt = dialogue_format(tokenizer, model.get("chat_template", "auto"), model.get("system_prompt"))
     return {
-        "stop_token_id": stop_token_id(tokenizer),
-        "stop_text": "\n",
+        "stop_token_id": stop_id_of(tokenizer, fmt),
+        **fmt.facts(),
+        "system_prompt": model.get("system_prompt"),
         "max_new_tokens": int(rollout.get("max_new_tokens", 16)),
         "context_tokens": int(rollout.get("context_tokens", 0)),
         "constrained_actions": bool(rollout.get("constrain_actions", True)),
@@ -80,11 +82,20 @@ def _card(facts: dict) -> str:
                    "stop token after a complete action): unconstrained `generate` can write text outside that set."
                    if facts["constrained_actions"] else
                    "Decoding was free (unconstrained), as plain `generate` is: its greedy replies are the engine's.")
+    if facts.get("chat_template"):
+        dialogue = (f"Each reply of the agent is one assistant turn that ends with the chat template's end-of-turn "
+                    f"token {facts['stop_text']!r} (token id {facts['stop_token_id']}), at most "
+                    f"{facts['max_new_tokens']} tokens. The dialogue is the tokenizer's chat template: each "
+                    f"observation a user turn, each reply an assistant turn, then the generation prompt "
+                    f"(`apply_chat_template(messages, add_generation_prompt=True)`"
+                    + (", with the system turn `system_prompt` of `fastarcher.json` first" if facts.get("system_prompt") else "") + ").")
+    else:
+        dialogue = (f"Each reply of the agent is one utterance that ends with a newline (token id "
+                    f"{facts['stop_token_id']}), at most {facts['max_new_tokens']} tokens; the dialogue is the plain "
+                    f"concatenation of observations and replies, tokenised with the tokenizer in this folder.")
     return f"""# fastarcher policy ({facts['algo']} on {facts['env']})
 
-A causal LM trained by fastarcher. Each reply of the agent is one utterance that ends with a newline
-(token id {facts['stop_token_id']}), at most {facts['max_new_tokens']} tokens; the dialogue is the plain
-concatenation of observations and replies, tokenised with the tokenizer in this folder.
+A causal LM trained by fastarcher. {dialogue}
 
 {window}
 
@@ -95,7 +106,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(FOLDER)
 tokenizer = AutoTokenizer.from_pretrained(FOLDER)
 ids = tokenizer(dialogue_so_far, return_tensors="pt").input_ids
-reply = model.generate(ids)[0, ids.shape[1]:]   # generation_config.json: greedy, stops at the newline
+reply = model.generate(ids)[0, ids.shape[1]:]   # generation_config.json: greedy, stops at the reply's end
 ```
 
 `fastarcher.json` holds these facts for programs.

@@ -44,6 +44,12 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Built-in model: one matrix for the input embeddings and the output projection. Untied, a gradient
     that raises an action's logit does not also move how that token reads when it is in the history."""
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    """Render every dialogue through the tokenizer's chat template (user turns for observations, assistant turns
+    for replies, which then end with the template's end-of-turn token): auto = when the tokenizer has one (the
+    built-in tokenizer has none); off = plain text, replies end with a newline (base models)."""
+    system_prompt: str | None = None
+    """With a chat template: a system turn before the first observation (None: the template's default, if any)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype of the policy (training keeps optimizer math in this dtype)."""
     fused_head: bool = True

@@ -71,16 +71,18 @@ def check_config(cfg: TrainConfig) -> None:
     """Every check that needs no model: fields and cross-field rules, then the chosen env's longest
     observation and action in tokens of the policy's tokenizer (built in, or read from model.path)."""
     from fastarcher.envs import token_sizes
-    from fastarcher.model import encode, load_tokenizer, stop_token_id
+    from fastarcher.chat import dialogue_format, stop_id_of
+    from fastarcher.model import encode, load_tokenizer
 
     cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
     try:
         tokenizer = load_tokenizer(cfg.model)
-        stop_token_id(tokenizer)
+        fmt = dialogue_format(tokenizer, cfg.model.chat_template, cfg.model.system_prompt)
+        stop_id_of(tokenizer, fmt)
     except (OSError, ValueError, ImportError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"model.path ({cfg.model.path!r}): cannot use its tokenizer: {reason}") from None
-    cfg.check_env_fits(token_sizes(cfg.env, lambda text: encode(tokenizer, text)))
+    cfg.check_env_fits(token_sizes(cfg.env, lambda text: encode(tokenizer, text), fmt.wrap_encoder(tokenizer)))
 
 
 def config_exit(error: Exception) -> SystemExit:

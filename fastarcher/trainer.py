@@ -33,7 +33,8 @@ from fastarcher.envs.runner import BatchedEnvRunner
 from fastarcher.guards import StepGuard
 from fastarcher.logging import RunLogger, plot_learning_curves
 from fastarcher.metrics import MetricBag, reduce_metrics
-from fastarcher.model import encode, load_policy, stop_token_id, transformer_blocks
+from fastarcher.chat import dialogue_format, stop_id_of
+from fastarcher.model import encode, load_policy, transformer_blocks
 from fastarcher.parallel import data_parallel_mesh, parallelize
 from fastarcher.random_streams import RandomStreams
 from fastarcher.rollout.base import ActionConstraint
@@ -86,10 +87,12 @@ class Trainer:
         # Identical init on every rank (FSDP2 keeps each rank's shard of its own full copy).
         seed_everything(cfg.seed)
         policy, tokenizer = load_policy(cfg.model)
-        cfg.check_env_fits(token_sizes(cfg.env, lambda text: encode(tokenizer, text)))
+        self.format = dialogue_format(tokenizer, cfg.model.chat_template, cfg.model.system_prompt)
+        sizes = token_sizes(cfg.env, lambda text: encode(tokenizer, text), self.format.wrap_encoder(tokenizer))
+        cfg.check_env_fits(sizes)
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id
-        self.stop_id = stop_token_id(tokenizer)
+        self.stop_id = stop_id_of(tokenizer, self.format)
         engine_model = copy.deepcopy(policy)
         self.policy = policy.to(self.device)
         mesh = data_parallel_mesh(self.device, info.world_size) if info.distributed else None
@@ -181,7 +184,8 @@ class Trainer:
         engine = self.algorithm.acting_engine(self.engine) if self.algorithm is not None else self.engine
         return play_episodes(runner, seeds, tokenizer=self.tokenizer, stop_id=self.stop_id, engine=engine,
                              params=self.actor.sampling_params(greedy), generator=self.sample_gen,
-                             context_tokens=self.cfg.rollout.context_tokens, kv_cache=self.cfg.rollout.kv_cache)
+                             context_tokens=self.cfg.rollout.context_tokens, kv_cache=self.cfg.rollout.kv_cache,
+                             fmt=self.format)
 
     def sync_engine(self) -> float:
         return self.actor.sync_engine()
@@ -196,7 +200,7 @@ class Trainer:
         runner = BatchedEnvRunner(self.cfg.env, ws.episodes)
         seeds = [-(1 + self.info.rank * ws.episodes + k) for k in range(ws.episodes)]
         demos = play_episodes(runner, seeds, tokenizer=self.tokenizer, stop_id=self.stop_id, picker=picker,
-                              context_tokens=self.cfg.rollout.context_tokens)
+                              context_tokens=self.cfg.rollout.context_tokens, fmt=self.format)
         transitions = demos.transitions(self.cfg.archer.gamma, self.pad_id)
         optimizer = torch.optim.AdamW(self.policy.parameters(), lr=ws.lr)
         keep = torch.ones(len(transitions))
@@ -225,7 +229,7 @@ class Trainer:
         n = self.cfg.eval.random_episodes // self.info.world_size
         seeds = [EVAL_SEED_OFFSET + self.cfg.seed * 100_003 + self.info.rank * n + k for k in range(n)]
         result = play_episodes(BatchedEnvRunner(self.cfg.env, n, split="eval"), seeds, tokenizer=self.tokenizer,
-                               stop_id=self.stop_id, picker=random_picker(rng))
+                               stop_id=self.stop_id, picker=random_picker(rng), fmt=self.format)
         stats = result.stats("random")
         return reduce_metrics({k: v for k, v in stats.items() if not k.startswith("count/")}, self.info.world_size)
 

@@ -105,7 +105,8 @@ def test_the_export_says_how_the_policy_was_used(trained):
     folder = run_dir / "hf_policy"
     facts = json.loads((folder / "fastarcher.json").read_text())
     assert facts == {"stop_token_id": facts["stop_token_id"], "stop_text": "\n", "max_new_tokens": 4,
-                     "context_tokens": 22, "constrained_actions": True, "env": "frozenlake", "algo": "archer"}
+                     "context_tokens": 22, "constrained_actions": True, "env": "frozenlake", "algo": "archer",
+                     "chat_template": False, "prompt_head": "", "turn_head": "", "turn_tail": "", "system_prompt": None}
     gen = json.loads((folder / "generation_config.json").read_text())
     assert facts["stop_token_id"] in gen["eos_token_id"] and gen["max_new_tokens"] == 4
     assert not gen.get("do_sample", False)

@@ -119,11 +119,14 @@ class TokenSizes:
     rollout.max_new_tokens)."""
 
 
-def token_sizes(cfg: EnvConfig, encode: Callable[[str], list[int]]) -> TokenSizes:
-    """Token sizes of the env's longest observation and action under `encode` (text → token ids)."""
+def token_sizes(cfg: EnvConfig, encode: Callable[[str], list[int]],
+                obs_encode: Callable[[str], list[int]] | None = None) -> TokenSizes:
+    """Token sizes of the env's longest observation and action under `encode` (text → token ids);
+    observations under `obs_encode` when given (the dialogue's wrapping of them, `fastarcher.chat`)."""
     env = make_env(cfg)
     free_form = getattr(env, "free_form_actions", False)
-    return TokenSizes(max_obs=max(len(encode(text)) for text in env.observation_texts()),
+    obs_encode = obs_encode or encode
+    return TokenSizes(max_obs=max(len(obs_encode(text)) for text in env.observation_texts()),
                       max_action=None if free_form else max(len(encode(text)) for text in env.action_choices()) + 1)
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from fastarcher.chat import RAW, DialogueFormat
 from fastarcher.envs.runner import BatchedEnvRunner
 from fastarcher.model import encode
 from fastarcher.replay import TransitionBatch
@@ -135,12 +136,14 @@ def play_episodes(
     picker: ActionPicker | None = None,
     context_tokens: int = 0,
     kv_cache: bool = True,
+    fmt: DialogueFormat = RAW,
 ) -> RolloutResult:
     """Run one episode per seed to the end, with the engine (sampling/greedy) or a scripted picker.
 
     context_tokens > 0: the engine sees, and each turn stores as its state, only the last
     `context_tokens` tokens of the dialogue. kv_cache: an engine that can (`open_dialogues`) keeps each
-    episode's keys/values between turns and feeds only the new tokens (same tokens and log-probs)."""
+    episode's keys/values between turns and feeds only the new tokens (same tokens and log-probs). fmt: the
+    text around observations (raw, or the chat template's turns; `fastarcher.chat`)."""
     if (engine is None) == (picker is None):
         raise ValueError("play_episodes needs exactly one of engine or picker")
     if context_tokens < 0:
@@ -151,7 +154,7 @@ def play_episodes(
 
     first_obs = runner.reset(seeds)
     episodes = [Episode(seed=s) for s in seeds]
-    states = [window(encode(tokenizer, obs)) for obs in first_obs]
+    states = [window(encode(tokenizer, fmt.first(obs))) for obs in first_obs]
     result = RolloutResult(episodes=episodes)
     open_dialogues = getattr(engine, "open_dialogues", None) if kv_cache else None
     dialogues = open_dialogues(context_tokens) if open_dialogues is not None else None
@@ -180,7 +183,7 @@ def play_episodes(
             if step.dropped:
                 episode.dropped = True
                 continue
-            obs_ids = encode(tokenizer, step.obs)
+            obs_ids = encode(tokenizer, fmt.next(step.obs))
             episode.turns.append(Turn(state=states[step.index], action=action, obs=obs_ids,
                                       reward=float(step.reward), done=step.done,
                                       invalid=bool(step.info.get("invalid", False))))
