@@ -50,6 +50,12 @@ class ModelConfig:
     built-in tokenizer has none); off = plain text, replies end with a newline (base models)."""
     system_prompt: str | None = None
     """With a chat template: a system turn before the first observation (None: the template's default, if any)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them (training only; less
+    memory for long dialogues, about one more forward of time)."""
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
+    """Under torchrun (FSDP2): bf16 parameters and compute with fp32 gradient reduction and fp32 master weights
+    in the optimizer. auto = bf16 on CUDA, off on CPU. A single plain process (no FSDP2) ignores it."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype of the policy (training keeps optimizer math in this dtype)."""
     fused_head: bool = True
@@ -162,6 +168,16 @@ def stop_token_id(tokenizer) -> int:
     if len(ids) != 1:
         raise ValueError(f"the tokenizer encodes a newline as {len(ids)} tokens; fastarcher needs exactly one")
     return ids[0]
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Checkpoint every decoder layer (non-reentrant, so FSDP2's per-block hooks run again in the recompute)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"model.activation_checkpointing: {type(model).__name__} does not support it")
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers before activation_checkpointing_enable
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

@@ -34,8 +34,8 @@ from fastarcher.guards import StepGuard
 from fastarcher.logging import RunLogger, plot_learning_curves
 from fastarcher.metrics import MetricBag, reduce_metrics
 from fastarcher.chat import dialogue_format, stop_id_of
-from fastarcher.model import encode, load_policy, transformer_blocks
-from fastarcher.parallel import data_parallel_mesh, parallelize
+from fastarcher.model import encode, enable_activation_checkpointing, load_policy, transformer_blocks
+from fastarcher.parallel import data_parallel_mesh, mixed_precision_policy, parallelize
 from fastarcher.random_streams import RandomStreams
 from fastarcher.rollout.base import ActionConstraint
 from fastarcher.rollout.collect import RolloutResult, oracle_picker, play_episodes, random_picker
@@ -96,8 +96,11 @@ class Trainer:
         engine_model = copy.deepcopy(policy)
         self.policy = policy.to(self.device)
         mesh = data_parallel_mesh(self.device, info.world_size) if info.distributed else None
+        if cfg.model.activation_checkpointing:
+            enable_activation_checkpointing(self.policy)  # the training copy only: the engine never backpropagates
         if mesh is not None:
-            parallelize(self.policy, transformer_blocks(self.policy), mesh)
+            parallelize(self.policy, transformer_blocks(self.policy), mesh,
+                        mixed_precision_policy(cfg.model.mixed_precision, self.device))
         self.policy.train()
         optim = cfg.optim
         self.actor_opt = torch.optim.AdamW(self.policy.parameters(), lr=optim.actor_lr, weight_decay=optim.weight_decay)
@@ -121,6 +124,9 @@ class Trainer:
             self.run_dir, is_main=info.is_main, total_iterations=cfg.iterations, progress=cfg.log.progress,
             wandb_config=to_dict(cfg) if cfg.log.wandb else None, wandb_project=cfg.log.wandb_project,
         )
+        if cfg.model.mixed_precision == "bf16" and mesh is None:
+            self.logger.print("note: model.mixed_precision bf16 applies under torchrun (FSDP2); this single process "
+                              "trains in model.dtype")
         log = lambda message: self.logger.print(message)  # noqa: E731 - late-bound: a replaced logger.print is used
         self.guard = StepGuard(cfg.guard, log=log)
         def make_policy() -> torch.nn.Module:

@@ -201,6 +201,45 @@ def _fused_head_check(rank: int, world_size: int) -> dict:
     }
 
 
+def _precision_check(rank: int, world_size: int) -> dict:
+    """FSDP2 with the bf16 mixed-precision policy and activation checkpointing: blocks compute in bf16 while the
+    sharded parameters, their gradients and AdamW's state stay fp32; checkpointing alone changes no gradient."""
+    from torch.distributed.tensor import DTensor
+
+    from fastarcher.model import enable_activation_checkpointing, transformer_blocks
+    from fastarcher.parallel import data_parallel_mesh, mixed_precision_policy, parallelize
+
+    device = torch.device("cpu")
+    mesh = data_parallel_mesh(device, world_size)
+    ids = torch.randint(3, 200, (2, 8), generator=torch.Generator().manual_seed(3000 + rank))
+    runs = {}
+    for name, mode, checkpointing in (("fp32", "off", False), ("ckpt", "off", True), ("bf16", "bf16", True)):
+        policy, _ = tiny_policy(torch.float32, seed=0, init_std=0.3)
+        if checkpointing:
+            enable_activation_checkpointing(policy)
+        parallelize(policy, transformer_blocks(policy), mesh, mixed_precision_policy(mode, device))
+        policy.train()
+        seen = []
+        transformer_blocks(policy)[0].mlp.register_forward_hook(lambda m, args, out: seen.append(str(out.dtype)))
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+        policy(input_ids=ids, labels=ids).loss.backward()
+        grads = {n: p.grad.full_tensor().float() for n, p in policy.named_parameters()}
+        optimizer.step()
+        runs[name] = {"grads": grads, "block_dtypes": sorted(set(seen)),
+                      "param_dtypes": sorted({str(p.dtype) for p in policy.parameters()}),
+                      "grad_dtypes": sorted({str(p.grad.dtype) for p in policy.parameters()}),
+                      "state_dtypes": sorted({str(v.dtype) for st in optimizer.state.values() for v in st.values()
+                                              if isinstance(v, DTensor)})}
+    ref = runs["fp32"]["grads"]
+    flat = lambda g: torch.cat([g[n].flatten() for n in sorted(g)])  # noqa: E731
+    return {
+        **{name: {k: v for k, v in run.items() if k != "grads"} for name, run in runs.items()},
+        "ckpt_grad_max_diff": max(float((runs["ckpt"]["grads"][n] - ref[n]).abs().max()) for n in ref),
+        "bf16_grad_cosine": float(torch.nn.functional.cosine_similarity(flat(runs["bf16"]["grads"]), flat(ref), dim=0)),
+        "bf16_grad_max_diff": max(float((runs["bf16"]["grads"][n] - ref[n]).abs().max()) for n in ref),
+    }
+
+
 def _metrics_check(rank: int, world_size: int) -> dict:
     from fastarcher.metrics import reduce_metrics
 
@@ -219,7 +258,8 @@ def _main(out_dir: str) -> None:
     try:
         result = {"world_size": info.world_size, "weight_sync": _weight_sync_check(info.rank, info.world_size),
                   "metrics": _metrics_check(info.rank, info.world_size),
-                  "fused_head": _fused_head_check(info.rank, info.world_size)}
+                  "fused_head": _fused_head_check(info.rank, info.world_size),
+                  "precision": _precision_check(info.rank, info.world_size)}
         Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
     finally:
         shutdown_distributed()

@@ -62,8 +62,11 @@ def check_run_folder(run_dir, proc) -> list[dict]:
 
 
 def test_cli_two_processes_under_torchrun(tmp_path):
+    """Also with bf16 mixed precision and activation checkpointing (the GPU settings; plain fp32 FSDP2 runs in
+    the resume and trace tests)."""
     run_dir = tmp_path / "run"
-    proc = run_torchrun(["-m", "fastarcher.train", *TINY_FLAGS, "--log.run-dir", str(run_dir)], timeout=240)
+    proc = run_torchrun(["-m", "fastarcher.train", *TINY_FLAGS, "--model.mixed-precision", "bf16",
+                         "--model.activation-checkpointing", "--log.run-dir", str(run_dir)], timeout=240)
     check_run_folder(run_dir, proc)
 
 
