@@ -110,6 +110,10 @@ class ArcherConfig:
     """Utterance-level discount."""
     tau: float = 0.1
     """Polyak rate of the target critic after every critic optimizer step."""
+    mc_mix: float = 0.0
+    """Mix the replayed episode's Monte-Carlo return G into the Q targets: y_Q = (1 − λ)(r + γ V̄(s′)) + λ G
+    (0: the reference's one-step TD). A sparse final reward then reaches early turns in one step instead of
+    one turn per target update, at the price of the behaviour policy's bias (docs/archer.md)."""
     entropy_coeff: float = 0.001
     """Weight of the token entropy bonus in the actor loss."""
     advantage_baseline: Literal["none", "batch_mean"] = "none"
@@ -130,6 +134,8 @@ class ArcherConfig:
             raise ValueError(f"archer.gamma ({self.gamma}) must be in [0, 1]")
         if not 0 < self.tau <= 1:
             raise ValueError(f"archer.tau ({self.tau}) must be in (0, 1]")
+        if not 0 <= self.mc_mix <= 1:
+            raise ValueError(f"archer.mc_mix ({self.mc_mix}) must be in [0, 1]")
 
 
 @dataclass(kw_only=True)

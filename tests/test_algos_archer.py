@@ -24,6 +24,24 @@ def test_critic_targets_hand_computed():
     torch.testing.assert_close(y_v2, t([-0.1, -0.2, -0.3]))
 
 
+def test_critic_targets_mix_in_the_monte_carlo_return():
+    # the same rows as above with G = [0.5, -1.0, 2.0] and λ = 0.25:
+    # y_Q1 = 0.75·[2.8, -1.0, -0.4] + 0.25·G = [2.225, -1.0, 0.2]; y_Q2 = 0.75·[3.7, -1.0, 4.1] + 0.25·G = [2.9, -1.0, 3.575]
+    y_q1, y_q2, y_v1, _ = critic_targets(
+        reward=t([1.0, -1.0, 0.5]), done=t([0.0, 1.0, 0.0]), target_v1_next=t([2.0, 5.0, -1.0]),
+        target_v2_next=t([3.0, 7.0, 4.0]), target_q1_fresh=t([0.1, 0.2, 0.3]), target_q2_fresh=t([-0.1, -0.2, -0.3]),
+        gamma=0.9, mc_return=t([0.5, -1.0, 2.0]), mc_mix=0.25)
+    torch.testing.assert_close(y_q1, t([2.225, -1.0, 0.2]))
+    torch.testing.assert_close(y_q2, t([2.9, -1.0, 3.575]))
+    torch.testing.assert_close(y_v1, t([0.1, 0.2, 0.3]))  # V still regresses to Q̄(s, a′)
+    with pytest.raises(ValueError, match="needs the Monte-Carlo returns"):
+        critic_targets(reward=t([1.0]), done=t([0.0]), target_v1_next=t([1.0]), target_v2_next=t([1.0]),
+                       target_q1_fresh=t([0.0]), target_q2_fresh=t([0.0]), gamma=0.9, mc_mix=0.5)
+    with pytest.raises(ValueError, match=r"mc_mix \(1.5\) must be in \[0, 1\]"):
+        critic_targets(reward=t([1.0]), done=t([0.0]), target_v1_next=t([1.0]), target_v2_next=t([1.0]),
+                       target_q1_fresh=t([0.0]), target_q2_fresh=t([0.0]), gamma=0.9, mc_return=t([1.0]), mc_mix=1.5)
+
+
 def test_critic_targets_use_own_target_head_not_min():
     # head 2 has the larger V̄; a min over heads would give both Q targets 1 + 0.5·1 = 1.5
     y_q1, y_q2, _, _ = critic_targets(reward=t([1.0]), done=t([0.0]), target_v1_next=t([1.0]),

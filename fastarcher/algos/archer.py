@@ -52,18 +52,29 @@ def critic_targets(
     target_q1_fresh: Tensor,
     target_q2_fresh: Tensor,
     gamma: float,
+    mc_return: Tensor | None = None,
+    mc_mix: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Regression targets (y_Q1, y_Q2, y_V1, y_V2), each (B,), detached.
 
     reward, done: (B,) from the buffer (done = 1.0 at the last turn).
     target_vi_next: V̄_i(s′) from the target critic on the next state.
     target_qi_fresh: Q̄_i(s, a′) from the target critic with a′ ~ π(·|s) sampled now.
+    mc_return, mc_mix: y_Qi = (1 − λ)·(r + γ V̄_i(s′)) + λ·G with G the replayed episode's discounted return
+    from this turn (λ = 0, the reference: pure one-step TD).
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma ({gamma}) must be in [0, 1]")
+    if not 0.0 <= mc_mix <= 1.0:
+        raise ValueError(f"mc_mix ({mc_mix}) must be in [0, 1]")
     not_done = 1.0 - done.to(reward.dtype)  # (B,) zero after the last turn: no bootstrap
     y_q1 = reward + gamma * not_done * target_v1_next
     y_q2 = reward + gamma * not_done * target_v2_next
+    if mc_mix > 0.0:
+        if mc_return is None:
+            raise ValueError("mc_mix > 0 needs the Monte-Carlo returns")
+        y_q1 = (1.0 - mc_mix) * y_q1 + mc_mix * mc_return
+        y_q2 = (1.0 - mc_mix) * y_q2 + mc_mix * mc_return
     return y_q1.detach(), y_q2.detach(), target_q1_fresh.detach(), target_q2_fresh.detach()
 
 
@@ -309,7 +320,8 @@ class Archer(AlgorithmBase):
                                                      next_ids, _mask(next_len, next_ids.shape[1]))
                     y_q1, y_q2, y_v1, y_v2 = critic_targets(
                         reward=mb.reward, done=mb.done, target_v1_next=tv1, target_v2_next=tv2,
-                        target_q1_fresh=tq1, target_q2_fresh=tq2, gamma=a.gamma)
+                        target_q1_fresh=tq1, target_q2_fresh=tq2, gamma=a.gamma, mc_return=mb.mc_return,
+                        mc_mix=a.mc_mix)
                 loss, metrics = critic_loss(q1=q1, q2=q2, v1=v1, v2=v2, y_q1=y_q1, y_q2=y_q2, y_v1=y_v1, y_v2=y_v2)
                 (loss / a.grad_accum).backward()
                 ctx.guard.track("critic", loss / a.grad_accum)
