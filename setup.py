@@ -35,6 +35,7 @@ setup(
         "rich",
         "matplotlib",
         "safetensors",
+        "peft",
         "triton; platform_system=='Linux'",
     ],
     extras_require={

@@ -489,6 +489,9 @@ class TrainConfig:
         if self.algo == "ppo" and self.ppo.value_model == "policy" and world_size > 1:
             raise ValueError("ppo.value_model 'policy' is supported on one process only; use ppo.value_model "
                              "'separate' with torchrun")
+        if self.model.lora.enabled and self.critic.encoder == "policy":
+            raise ValueError("critic.encoder 'policy' reads the policy's trunk, which LoRA freezes and wraps: use "
+                             "critic.encoder separate with model.lora")
         if self.critic.encoder == "policy" and world_size > 1:
             raise ValueError("critic.encoder 'policy' is supported on one process only; use critic.encoder "
                              "'separate' with torchrun")

@@ -131,8 +131,14 @@ def export_policy(policy: nn.Module, tokenizer, out_dir: str | Path, *, run_conf
     run's config (a `TrainConfig` as a dict), also how to use it outside fastarcher (module docstring)."""
     from transformers import AutoModelForCausalLM
 
+    from fastarcher.lora import has_lora, merged_tensors
+
     out_dir = Path(out_dir)
-    state = full_state_dict(policy)
+    if has_lora(policy):  # adapters merged into their base weights, under the plain architecture's names
+        state = {name: gather().to("cpu") for name, _, gather in merged_tensors(policy)}  # collective
+        state = state if _rank() == 0 else {}
+    else:
+        state = full_state_dict(policy)
     if _rank() == 0:
         config = policy.config
         with torch.device("meta"):
@@ -164,6 +170,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Export the policy stored in a fastarcher checkpoint (single process; reads only the policy)."""
     from fastarcher.checkpoint import (CheckpointError, check_checkpoint, latest_checkpoint, load_dcp,
                                        read_run_state, tied_aliases)
+    from fastarcher.dist import seed_everything
+    from fastarcher.lora import LoraSettings, apply_lora
     from fastarcher.model import ModelConfig, load_policy
 
     path = Path(checkpoint)
@@ -176,8 +184,15 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if problems:
         raise CheckpointError(f"{path} cannot be exported: " + "; ".join(problems))
     run_config = read_run_state(path)["config"]
-    policy, tokenizer = load_policy(ModelConfig(**run_config["model"]))
-    state = {"policy": {k: v for k, v in policy.state_dict().items() if k not in tied_aliases(policy)}}
+    settings = dict(run_config["model"])
+    lora = LoraSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.pop("lora", {}).items()})
+    seed_everything(int(run_config.get("seed", 0)))  # a built-in base is the run's seeded init, as in training
+    policy, tokenizer = load_policy(ModelConfig(**settings))
+    if lora.enabled:  # the checkpoint holds the adapters; the base weights are model.path's
+        apply_lora(policy, lora)
+        state = {"policy": {k: v for k, v in policy.state_dict().items() if ".lora_" in k}}
+    else:
+        state = {"policy": {k: v for k, v in policy.state_dict().items() if k not in tied_aliases(policy)}}
     load_dcp(state, path / "model")  # in place, into the policy's own tensors (tied ones follow)
     return export_policy(policy, tokenizer, out_dir, run_config=run_config)
 

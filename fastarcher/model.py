@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
+
+from fastarcher.lora import LoraSettings
 
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<eos>"
@@ -50,6 +52,8 @@ class ModelConfig:
     built-in tokenizer has none); off = plain text, replies end with a newline (base models)."""
     system_prompt: str | None = None
     """With a chat template: a system turn before the first observation (None: the template's default, if any)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (peft) on the policy: only they train; the engine and the export get merged weights."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of keeping them (training only; less
     memory for long dialogues, about one more forward of time)."""

@@ -35,6 +35,7 @@ from fastarcher.logging import RunLogger, plot_learning_curves
 from fastarcher.metrics import MetricBag, reduce_metrics
 from fastarcher.chat import dialogue_format, stop_id_of
 from fastarcher.model import encode, enable_activation_checkpointing, load_policy, transformer_blocks
+from fastarcher.lora import apply_lora
 from fastarcher.parallel import data_parallel_mesh, mixed_precision_policy, parallelize
 from fastarcher.random_streams import RandomStreams
 from fastarcher.rollout.base import ActionConstraint
@@ -96,6 +97,8 @@ class Trainer:
         engine_model = copy.deepcopy(policy)
         self.policy = policy.to(self.device)
         mesh = data_parallel_mesh(self.device, info.world_size) if info.distributed else None
+        if cfg.model.lora.enabled:
+            apply_lora(self.policy, cfg.model.lora)  # after the engine's copy: the engine keeps the plain model
         if cfg.model.activation_checkpointing:
             enable_activation_checkpointing(self.policy)  # the training copy only: the engine never backpropagates
         if mesh is not None:
@@ -103,7 +106,8 @@ class Trainer:
                         mixed_precision_policy(cfg.model.mixed_precision, self.device))
         self.policy.train()
         optim = cfg.optim
-        self.actor_opt = torch.optim.AdamW(self.policy.parameters(), lr=optim.actor_lr, weight_decay=optim.weight_decay)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]  # the adapters alone with LoRA
+        self.actor_opt = torch.optim.AdamW(trainable, lr=optim.actor_lr, weight_decay=optim.weight_decay)
         self.engine = HFEngine(engine_model, pad_id=self.pad_id, device=self.device, max_batch=cfg.rollout.max_batch)
         self.constraint = None
         if cfg.rollout.constrain_actions:
@@ -149,7 +153,7 @@ class Trainer:
         self.greedy_runner = (BatchedEnvRunner(cfg.env, self.envs_per_rank // cfg.rollout.group_size)
                               if wants_greedy else None)
         parts = {
-            "policy": ModelState(self.policy), "actor_opt": OptimizerState(self.policy, self.actor_opt, "actor_opt", log),
+            "policy": ModelState(self.policy, trainable_only=cfg.model.lora.enabled), "actor_opt": OptimizerState(self.policy, self.actor_opt, "actor_opt", log),
             **(self.algorithm.parts() if self.algorithm is not None else {}),
             "rng": self.streams, "runner": self.runner, "eval_runner": self.eval_runner,
             **({"greedy_runner": self.greedy_runner} if self.greedy_runner is not None else {}),
@@ -208,7 +212,7 @@ class Trainer:
         demos = play_episodes(runner, seeds, tokenizer=self.tokenizer, stop_id=self.stop_id, picker=picker,
                               context_tokens=self.cfg.rollout.context_tokens, fmt=self.format)
         transitions = demos.transitions(self.cfg.archer.gamma, self.pad_id)
-        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=ws.lr)
+        optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=ws.lr)
         keep = torch.ones(len(transitions))
         self.logger.print(f"warm start: {ws.steps} steps on {len(transitions)} {ws.demos} demonstration turns per rank")
         for step in range(ws.steps):

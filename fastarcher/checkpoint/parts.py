@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -66,20 +67,30 @@ def tied_aliases(module: nn.Module) -> dict[str, str]:
 
 
 class ModelState:
-    """A module (FSDP2-sharded or not) as a checkpoint part; tied weights are stored once."""
+    """A module (FSDP2-sharded or not) as a checkpoint part; tied weights are stored once. trainable_only: only
+    the parameters that train (LoRA adapters), the frozen rest being what the run loads from model.path."""
 
     checkpoint_scope = "sharded"
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, module: nn.Module, trainable_only: bool = False):
+        self.module, self.trainable_only = module, trainable_only
+
+    def _trainable(self) -> set[str]:
+        return {name for name, p in self.module.named_parameters() if p.requires_grad}
 
     def state_dict(self) -> dict[str, Any]:
         state = get_model_state_dict(self.module)
         for alias in tied_aliases(self.module):  # a tied 152k-vocabulary embedding is stored once
             state.pop(alias, None)
+        if self.trainable_only:
+            keep = self._trainable()
+            state = {k: v for k, v in state.items() if k in keep}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.trainable_only:
+            set_model_state_dict(self.module, state, options=StateDictOptions(strict=False))
+            return
         for alias, source in tied_aliases(self.module).items():
             state[alias] = state[source]
         set_model_state_dict(self.module, state)

@@ -10,22 +10,23 @@ import time
 from typing import Iterator
 
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+
+from fastarcher.lora import merged_tensors
 
 
 def full_parameter_buckets(model: nn.Module, bucket_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
+    """Full tensors of `model` under their plain-architecture names (LoRA adapters merged into their base
+    weights, `fastarcher.lora.merged_tensors`), grouped into buckets of at most `bucket_bytes`."""
     bucket: list[tuple[str, Tensor]] = []
     size = 0
-    for name, param in model.named_parameters():
+    for name, nbytes, gather in merged_tensors(model):
         # Close the bucket before gathering a tensor that would overflow it (a DTensor reports its
         # global numel), so at most `bucket_bytes` of full tensors are held at once; a single tensor
         # larger than the cap travels alone.
-        nbytes = param.numel() * param.element_size()
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
             bucket, size = [], 0
-        full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
-        bucket.append((name, full))
+        bucket.append((name, gather()))
         size += nbytes
     if bucket:
         yield bucket
