@@ -41,10 +41,14 @@ class DialogueFormat:
     chat: bool = False
 
     def first(self, obs: str) -> str:
-        return self.prompt_head + obs + self.turn_tail
+        return self.prompt_head + self._content(obs) + self.turn_tail
 
     def next(self, obs: str) -> str:
-        return self.turn_head + obs + self.turn_tail
+        return self.turn_head + self._content(obs) + self.turn_tail
+
+    def _content(self, obs: str) -> str:
+        # envs end their text with a newline (the raw format's separator); a chat turn has its own end
+        return obs.rstrip("\n") if self.chat else obs
 
     def wrap_encoder(self, tokenizer):
         """text → ids of the observation as the dialogue holds it (the longer of first and later turns)."""

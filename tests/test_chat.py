@@ -33,7 +33,9 @@ def test_pieces_rebuild_the_templates_rendering_of_a_whole_conversation():
     assert fmt.chat and fmt.stop_text == "<|im_end|>"
     assert fmt.prompt_head == "<|im_start|>system\nYou are a helpful agent.<|im_end|>\n<|im_start|>user\n"
     assert fmt.turn_head == "\n<|im_start|>user\n" and fmt.turn_tail == "<|im_end|>\n<|im_start|>assistant\n"
-    observations, replies = ["Guess a number.", "higher", "lower"], ["8", "12"]
+    observations, replies = ["Guess a number.\n", "higher\n", "lower"], ["8", "12"]
+    assert fmt.next("higher\n") == fmt.next("higher")  # an env's closing newline is not part of the user turn
+    observations = [o.rstrip("\n") for o in observations]
     messages = [{"role": "user", "content": observations[0]}]
     ids = encode(tokenizer, fmt.first(observations[0]))
     for reply, obs in zip(replies, observations[1:]):
