@@ -498,6 +498,12 @@ class TrainConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device is 'cuda' but no CUDA GPU is visible: pass --device cpu (or auto)")
         _check_model_files(self.model.path, self.model.gguf_file)
+        if self.critic.encoder_path is not None:
+            if self.critic.encoder != "separate":
+                raise ValueError("critic.encoder_path gives the separate encoder's weights: use critic.encoder separate")
+            if not (Path(self.critic.encoder_path) / "config.json").is_file():
+                raise ValueError(f"critic.encoder_path ({self.critic.encoder_path!r}) is not a local Hugging Face model "
+                                 f"folder (no config.json)")
 
     def check_env_fits(self, sizes: TokenSizes) -> None:
         """Token limits against the chosen env's longest observation and action (`envs.token_sizes`);

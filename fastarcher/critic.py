@@ -33,6 +33,10 @@ class CriticConfig:
     encoder: Literal["separate", "policy"] = "separate"
     """Which network embeds states and actions: "separate" (a small random-init transformer owned by
     the critic) or "policy" (the policy's backbone, last hidden state at the last token)."""
+    encoder_path: str | None = None
+    """encoder="separate" from a local Hugging Face folder (its base model, decoder or encoder, as the reference
+    used RoBERTa) instead of random init; it reads the policy's token ids, so its vocabulary must be the
+    policy tokenizer's (same model family). Sharded by FSDP2 under torchrun like the random-init one."""
     hidden_size: int = 64
     """Width of the separate encoder (ignored for encoder="policy", which uses the backbone's)."""
     num_layers: int = 2
@@ -69,9 +73,45 @@ def _mlp_head(in_dim: int, hidden: int) -> nn.Sequential:
     )
 
 
+ABSOLUTE_POSITION_ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2")
+"""Model types that derive their own positions (from their pad id): the critic passes them no position_ids."""
+
+
+def load_pretrained_encoder(path: str, *, vocab_size: int) -> nn.Module:
+    """The base model in `path` (`AutoModel`), checked to read token ids below `vocab_size`."""
+    from transformers import AutoModel
+
+    try:
+        encoder = AutoModel.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"critic.encoder_path ({path!r}): cannot load a model: {reason}") from None
+    if encoder.config.vocab_size < vocab_size:
+        raise ValueError(f"critic.encoder_path ({path!r}) has a vocabulary of {encoder.config.vocab_size} tokens, the "
+                         f"policy's tokenizer {vocab_size}: the critic reads the policy's token ids, so use an encoder "
+                         f"of the policy's model family")
+    encoder.config.use_cache = False
+    return encoder
+
+
+def encoder_blocks(encoder: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a decoder (`layers`, `h`) or encoder (`encoder.layer`) base model."""
+    for path in ("layers", "h", "encoder.layer"):
+        node = encoder
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        if node is not None:
+            return list(node)
+    raise ValueError(f"cannot find the transformer blocks of {type(encoder).__name__}")
+
+
 def build_separate_encoder(cfg: CriticConfig, *, vocab_size: int, pad_id: int) -> nn.Module:
-    """Small random-init causal transformer (transformers `LlamaModel`) used as the critic encoder."""
+    """Small random-init causal transformer (transformers `LlamaModel`) used as the critic encoder, or the
+    pretrained one of `cfg.encoder_path`."""
     from transformers import LlamaConfig, LlamaModel
+
+    if cfg.encoder_path:
+        return load_pretrained_encoder(cfg.encoder_path, vocab_size=vocab_size)
 
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -114,7 +154,7 @@ class DoubleCritic(nn.Module):
             if backbone is not None:
                 raise ValueError('critic.encoder="separate" builds its own encoder; pass backbone only with "policy"')
             self.encoder = build_separate_encoder(cfg, vocab_size=vocab_size, pad_id=pad_id)
-            emb_dim = cfg.hidden_size
+            emb_dim = self.encoder.config.hidden_size
         else:
             if backbone is None:
                 raise ValueError('critic.encoder="policy" needs the policy backbone (backbone=policy.model)')
@@ -139,7 +179,7 @@ class DoubleCritic(nn.Module):
         Empty for encoder="policy": the backbone is sharded with the policy."""
         if self.encoder is None:
             return []
-        return list(self.encoder.layers)
+        return encoder_blocks(self.encoder)
 
     def embed(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids (B, T) int64, mask (B, T) → (B, H) embedding pooled at the last non-pad token."""
@@ -147,8 +187,10 @@ class DoubleCritic(nn.Module):
         # positions count real tokens only, so left padding embeds the same as right padding
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
         net = self.encoder if self.encoder is not None else self._backbone[0]
+        kwargs = {} if net.config.model_type in ABSOLUTE_POSITION_ENCODERS else {"position_ids": position_ids,
+                                                                                 "use_cache": False}
         with torch.set_grad_enabled(torch.is_grad_enabled() and (self.encoder is not None or self.cfg.backbone_grad)):
-            out = net(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+            out = net(input_ids=ids, attention_mask=mask, **kwargs)
         return last_token_pool(out.last_hidden_state, mask)  # (B, H)
 
     def forward(self, state_ids: Tensor, state_mask: Tensor, action_ids: Tensor, action_mask: Tensor,
