@@ -109,6 +109,14 @@ def _records(files: tuple[str, ...]) -> tuple[Record, ...]:
     return tuple(load_dataset(list(files)))
 
 
+@functools.lru_cache(maxsize=8)
+def _check_tool_calls(files: tuple[str, ...]) -> None:
+    """Every record's `tool_calls` parse (ValueError naming file and line otherwise), once per process and
+    file set, not once per env a runner builds."""
+    for record in _records(files):
+        oracle_calls(record)
+
+
 def oracle_calls(record: Record) -> list[ToolCall]:
     """The record's optional `tool_calls` field, the calls a demonstration makes before answering."""
     raw = record.fields.get("tool_calls", [])
@@ -144,8 +152,7 @@ class QA:
         self.parse = ACTION_FORMATS[cfg.action_format]
         self.max_turns = cfg.max_turns if self.tools else 1
         if self.tools:
-            for record in self.train:
-                oracle_calls(record)  # a malformed `tool_calls` field stops the run before any work
+            _check_tool_calls(tuple(cfg.train_files))  # a malformed `tool_calls` field stops the run before any work
         self.split = "train"
         self._orders: dict[int, list[int]] = {}
         self.record: Record | None = None
