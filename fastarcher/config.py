@@ -492,9 +492,6 @@ class TrainConfig:
         if self.model.lora.enabled and self.critic.encoder == "policy":
             raise ValueError("critic.encoder 'policy' reads the policy's trunk, which LoRA freezes and wraps: use "
                              "critic.encoder separate with model.lora")
-        if self.critic.encoder == "policy" and world_size > 1:
-            raise ValueError("critic.encoder 'policy' is supported on one process only; use critic.encoder "
-                             "'separate' with torchrun")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device is 'cuda' but no CUDA GPU is visible: pass --device cpu (or auto)")
         _check_model_files(self.model.path, self.model.gguf_file)

@@ -190,8 +190,14 @@ class DoubleCritic(nn.Module):
         kwargs = {} if net.config.model_type in ABSOLUTE_POSITION_ENCODERS else {"position_ids": position_ids,
                                                                                  "use_cache": False}
         with torch.set_grad_enabled(torch.is_grad_enabled() and (self.encoder is not None or self.cfg.backbone_grad)):
-            out = net(input_ids=ids, attention_mask=mask, **kwargs)
-        return last_token_pool(out.last_hidden_state, mask)  # (B, H)
+            if self.encoder is None and hasattr(net, "lm_head"):
+                # the policy itself (a causal LM): called through its root so that FSDP2's root hooks gather the
+                # embedding and final norm; its last hidden state is the trunk's, one logit row is computed
+                out = net(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1, **kwargs)
+                hidden = out.hidden_states[-1]
+            else:
+                hidden = net(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
+        return last_token_pool(hidden, mask)  # (B, H)
 
     def forward(self, state_ids: Tensor, state_mask: Tensor, action_ids: Tensor, action_mask: Tensor,
                 next_ids: Tensor | None = None, next_mask: Tensor | None = None,

@@ -1,6 +1,7 @@
-"""A critic trunk loaded from a local Hugging Face folder (`--critic.encoder-path`): its weights are the
-folder's, it pools like the random-init encoder, a vocabulary that cannot read the policy's ids is refused,
-and a torchrun run shards and trains it."""
+"""Critic trunks beyond the random-init encoder: one loaded from a local Hugging Face folder
+(`--critic.encoder-path`: the folder's weights, a vocabulary that cannot read the policy's ids refused) and
+the policy's own trunk (`--critic.encoder policy`, called through the policy's root so FSDP2 gathers it);
+both train under torchrun."""
 import json
 
 import pytest
@@ -67,3 +68,37 @@ def test_torchrun_trains_a_sharded_pretrained_critic(encoder_folder, tmp_path):
     assert proc.returncode == 0, describe(proc)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["critic/q_loss"])) for r in rows[1:])
+
+
+def test_the_policy_trunk_through_the_root_embeds_as_the_base_model():
+    """encoder="policy" is handed the whole causal LM (so FSDP2's root hooks run); its pooled embedding is the
+    base model's last hidden state, and backbone_grad still reaches the trunk."""
+    policy, _ = tiny_policy(torch.float64, seed=0, init_std=0.3)
+    critic = DoubleCritic(CriticConfig(encoder="policy", mlp_hidden=8), vocab_size=300, pad_id=0, backbone=policy).double()
+    ids = torch.randint(3, 200, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        via_root = critic.embed(ids, mask)
+        direct = policy.model(input_ids=ids, attention_mask=mask,
+                              position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False).last_hidden_state
+        lengths = mask.sum(1) - 1
+        torch.testing.assert_close(via_root, direct[torch.arange(3), lengths], rtol=0, atol=0)
+    grad_critic = DoubleCritic(CriticConfig(encoder="policy", mlp_hidden=8, backbone_grad=True), vocab_size=300,
+                               pad_id=0, backbone=policy).double()
+    grad_critic(ids, mask, ids[:, :2], mask[:, :2])[0].sum().backward()
+    assert policy.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("backbone_grad", [False, True])
+def test_torchrun_trains_a_critic_on_the_sharded_policy_trunk(tmp_path, backbone_grad):
+    run_dir = tmp_path / "run"
+    proc = run_torchrun(["-m", "fastarcher.train", "--config", "configs/tiny_cpu.yaml", "--device", "cpu",
+                         "--iterations", "2", "--rollout.num-envs", "4", "--eval.episodes", "4", "--eval.no-random-baseline",
+                         "--archer.warmup-iterations", "1", "--archer.batch-size", "4", "--archer.critic-epochs", "2",
+                         "--archer.actor-epochs", "1", "--log.no-progress", "--critic.encoder", "policy",
+                         f"--critic.{'' if backbone_grad else 'no-'}backbone-grad", "--log.run-dir", str(run_dir)],
+                        timeout=300)
+    assert proc.returncode == 0, describe(proc)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "actor/pg_loss" in rows[-1] and all(torch.isfinite(torch.tensor(r["critic/q_loss"])) for r in rows[1:])

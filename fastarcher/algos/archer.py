@@ -217,7 +217,7 @@ class Archer(AlgorithmBase):
     change during the critic epochs; the actor phase draws again after every actor step).
 
     Owns (and checkpoints) the double critic, its target, the critic optimizer and the replay buffer.
-    With `critic.encoder policy` the critic embeds with the policy's backbone (one process only); with
+    With `critic.encoder policy` the critic embeds with the policy's backbone (FSDP2-sharded with it); with
     `critic.backbone_grad` as well, the critic optimizer also owns the backbone's parameters, so the
     critic's gradients there are stepped and cleared by it and the actor steps its own loss only.
     """
@@ -228,7 +228,7 @@ class Archer(AlgorithmBase):
     def __init__(self, ctx):
         self.ctx, cfg = ctx, ctx.cfg
         actor, device = ctx.actor, ctx.actor.device
-        backbone = actor.policy.model if cfg.critic.encoder == "policy" else None  # one process only (validate)
+        backbone = actor.policy if cfg.critic.encoder == "policy" else None  # its trunk, through the root (FSDP2)
         critic = DoubleCritic(cfg.critic, vocab_size=ctx.vocab_size, pad_id=actor.pad_id, backbone=backbone)
         # an unsharded copy that acts during rollouts (CHAI): a sharded forward is a collective, and ranks play
         # different numbers of turns
