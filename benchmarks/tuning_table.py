@@ -7,6 +7,7 @@ run's logged command (study.log beside the folder, or the study's stdout saved a
 """
 import argparse
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def rows_of(folders: list[str], threshold: float) -> list[str]:
         log = Path(f"{folder}.log")
         commands = {}
         if log.is_file():
-            for line in log.read_text().splitlines():
+            # logs written before the study printed whole lines can hold two commands on one line
+            for line in re.sub(r"(?<=\S)study: ", "\nstudy: ", log.read_text()).splitlines():
                 if line.startswith("study: ") and "fastarcher.train" in line:
                     name, _, command = line[len("study: "):].partition(": ")
                     commands[name] = command

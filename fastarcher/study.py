@@ -31,6 +31,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,8 +217,15 @@ def run_all(pending: list[tuple[str, list[str], Path]], jobs: int, stop=None, po
     if jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
 
+    lock = threading.Lock()
+
+    def say(line: str) -> None:  # whole lines: the runs' threads print at the same moments
+        with lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
     def one(name: str, command: list[str], run_dir: Path) -> None:
-        print(f"study: {name}: {shlex.join(command)}", flush=True)
+        say(f"study: {name}: {shlex.join(command)}")
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "train.log", "a") if jobs > 1 else contextlib.nullcontext() as log:
             proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
@@ -233,7 +241,7 @@ def run_all(pending: list[tuple[str, list[str], Path]], jobs: int, stop=None, po
         if proc.returncode != 0 and not stopped:
             where = f"; its output is in {run_dir / 'train.log'}" if jobs > 1 else ""
             raise subprocess.CalledProcessError(proc.returncode, command, output=f"{name} failed{where}")
-        print(f"study: {name}: {'stopped at the threshold' if stopped else 'done'}", flush=True)
+        say(f"study: {name}: {'stopped at the threshold' if stopped else 'done'}")
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [pool.submit(one, *item) for item in pending]
