@@ -1,6 +1,7 @@
 """Put algorithms from several studies (each `python -m fastarcher.study`'s study.json) into one table and
 plot, e.g. a new ArCHer setting against the baselines of an earlier study on the same preset, seeds and
-evaluation episodes. Each source is STUDY_JSON:ALGO[=LABEL]; every source must have the same threshold.
+evaluation episodes. Each source is STUDY_JSON:ALGO[=LABEL]; every source must have the same threshold; a
+LABEL given twice gathers the seeds of both sources (studies of the same setting on other seeds).
 
     python benchmarks/merge_studies.py --out docs/results/frozenlake_random4/archer_2per_iter \\
         runs/study_random4_e2/study.json:archer="archer, 2 episodes/iteration" \\
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sources", nargs="+", help="STUDY_JSON:ALGO[=LABEL]")
     parser.add_argument("--out", required=True, help="folder for study.md, study.json and study.png")
     parser.add_argument("--title", default=None)
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="keep only these seeds")
     args = parser.parse_args(argv)
     curves, thresholds, configs = {}, set(), {}
     for source in args.sources:
@@ -33,9 +35,12 @@ def main(argv: list[str] | None = None) -> None:
         study = json.loads(path.read_text())
         if algo not in study["curves"]:
             raise SystemExit(f"{path} has no algorithm {algo!r} (it has {', '.join(study['curves'])})")
-        curves[label] = {int(seed): [tuple(p) for p in curve] for seed, curve in study["curves"][algo].items()}
+        by_seed = {int(seed): [tuple(p) for p in curve] for seed, curve in study["curves"][algo].items()}
+        curves.setdefault(label, {}).update(  # a label given twice gathers the seeds of both sources
+            {seed: curve for seed, curve in by_seed.items() if args.seeds is None or seed in args.seeds})
+        curves[label] = dict(sorted(curves[label].items()))
         thresholds.add(study["config"]["threshold"])
-        configs[label] = {"from": str(path), "algo": algo, "config": study["config"]}
+        configs.setdefault(label, []).append({"from": str(path), "algo": algo, "config": study["config"]})
     if len(thresholds) != 1:
         raise SystemExit(f"the studies use different thresholds: {sorted(thresholds)}")
     threshold = thresholds.pop()
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                                                 "curves": curves}, indent=1) + "\n")
     (out / "study.md").write_text(table(rows, threshold) + "\n\nSources:\n\n" + "\n".join(
         f"- `{label}`: `{c['algo']}` of `{c['from']}` (train flags: {c['config'].get('flags')})"
-        for label, c in configs.items()) + "\n")
+        for label, sources in configs.items() for c in sources) + "\n")
     plot(curves, out / "study.png", args.title or "greedy success against training episodes")
     print(table(rows, threshold))
 
