@@ -90,7 +90,7 @@ def test_the_policy_trunk_through_the_root_embeds_as_the_base_model():
     assert policy.model.layers[0].mlp.down_proj.weight.grad is not None
 
 
-@pytest.mark.parametrize("backbone_grad", [False, True])
+@pytest.mark.parametrize("backbone_grad", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_torchrun_trains_a_critic_on_the_sharded_policy_trunk(tmp_path, backbone_grad):
     run_dir = tmp_path / "run"
     proc = run_torchrun(["-m", "fastarcher.train", "--config", "configs/tiny_cpu.yaml", "--device", "cpu",
