@@ -38,8 +38,12 @@ REPLAY_ALGOS = ("archer", "chai")
 @dataclass(kw_only=True)
 class RolloutConfig:
     engine: Literal["hf", "sglang"] = "hf"
-    """Rollout engine: 'hf' (transformers, KV cache; the CPU default); 'sglang' (GPU, colocated) is
-    planned and refused until it exists."""
+    """Rollout engine: 'hf' (transformers, KV cache; the CPU default); 'sglang' (one engine per GPU beside
+    training, memory released while training; needs CUDA, the sglang package and
+    --rollout.no-constrain-actions; fastarcher/rollout/sglang_engine.py)."""
+    sglang_mem_fraction: float = 0.5
+    """sglang's `mem_fraction_static`: the share of GPU memory for its weights and KV cache while it runs
+    (released during training). Lower it when resuming the engine runs out of memory."""
     num_envs: int = 50
     """Episodes collected per iteration, over all ranks (ArCHer's rollout_size)."""
     group_size: int = 1
@@ -67,8 +71,12 @@ class RolloutConfig:
     log-probs as prefilling the whole dialogue again). A row whose context window slid is prefilled again."""
 
     def validate(self) -> None:
-        if self.engine != "hf":
-            raise ValueError(f"rollout.engine ({self.engine!r}) is not implemented yet: use --rollout.engine hf")
+        if self.engine == "sglang":
+            if self.constrain_actions:
+                raise ValueError("rollout.engine sglang samples freely (it cannot apply the action-prefix table): "
+                                 "add --rollout.no-constrain-actions, or use --rollout.engine hf")
+            if not 0 < self.sglang_mem_fraction < 1:
+                raise ValueError(f"rollout.sglang_mem_fraction ({self.sglang_mem_fraction}) must be in (0, 1)")
         _positive(self, "rollout", "num_envs", "group_size", "max_new_tokens", "max_batch", "sync_bucket_mb")
         _non_negative(self, "rollout", "context_tokens")
         if self.temperature <= 0:
@@ -494,6 +502,8 @@ class TrainConfig:
                              "critic.encoder separate with model.lora")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device is 'cuda' but no CUDA GPU is visible: pass --device cpu (or auto)")
+        if self.rollout.engine == "sglang" and not torch.cuda.is_available():
+            raise ValueError("rollout.engine sglang needs a CUDA GPU and none is visible: use --rollout.engine hf")
         _check_model_files(self.model.path, self.model.gguf_file)
         if self.critic.encoder_path is not None:
             if self.critic.encoder != "separate":

@@ -153,9 +153,16 @@ def test_warm_start_to_replay_needs_a_replay_buffer_and_demonstrations(tmp_path,
     check_config(parse_config(["--config", TINY, "--algo", "chai", "--warm-start.steps", "5", "--warm-start.to-replay"]))
 
 
-def test_sglang_engine_is_a_one_line_refusal(tmp_path, no_trainer):
+def test_sglang_engine_refusals_are_one_line_each(tmp_path, no_trainer):
     shown = refusal(["--rollout.engine", "sglang"], tmp_path)
-    assert shown == "config error: rollout.engine ('sglang') is not implemented yet: use --rollout.engine hf"
+    assert shown == ("config error: rollout.engine sglang samples freely (it cannot apply the action-prefix table): "
+                     "add --rollout.no-constrain-actions, or use --rollout.engine hf")
+    free = ["--rollout.engine", "sglang", "--rollout.no-constrain-actions", "--rollout.max-new-tokens", "4",
+            "--replay.max-action-len", "5"]
+    shown = refusal(free, tmp_path)
+    assert shown == "config error: rollout.engine sglang needs a CUDA GPU and none is visible: use --rollout.engine hf"
+    shown = refusal([*free, "--rollout.sglang-mem-fraction", "1.5"], tmp_path)
+    assert shown == "config error: rollout.sglang_mem_fraction (1.5) must be in (0, 1)"
 
 
 @pytest.mark.parametrize("flag, value, name", [

@@ -41,7 +41,7 @@ class RerankingEngine:
         picks = [i * k + b for i, b in enumerate(best)]
         return GenerationOutput(token_ids=[out.token_ids[j] for j in picks],
                                 logprobs=[out.logprobs[j] for j in picks] if out.logprobs else [],
-                                num_calls=out.num_calls)
+                                num_calls=out.num_calls, policy_version=out.policy_version)
 
 
 class Chai(Archer):

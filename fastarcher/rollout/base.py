@@ -76,6 +76,8 @@ class GenerationOutput:
     """Log-prob of each generated token under the (constrained, tempered) sampling distribution."""
     num_calls: int = 0
     """Model forward calls used (prefill + decode steps), for logging."""
+    policy_version: int = 0
+    """Weight syncs the engine had received when it sampled these tokens (0: its initial weights)."""
 
 
 class RolloutEngine(Protocol):

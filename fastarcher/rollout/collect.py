@@ -30,6 +30,8 @@ class Turn:
     reward: float
     done: bool
     invalid: bool
+    policy_version: int = -1
+    """Weight syncs the engine had received when it sampled the action (-1: a scripted picker's)."""
 
 
 @dataclass
@@ -170,6 +172,7 @@ def play_episodes(
             else:
                 out = engine.generate(prompts, params, generator)
             actions = out.token_ids
+            version = out.policy_version
             result.engine_calls += out.num_calls
             result.generated_tokens += sum(len(a) for a in actions)
             actions = [close_utterance(a, stop_id) for a in actions]
@@ -177,6 +180,7 @@ def play_episodes(
         else:
             texts = picker(runner, live)
             actions = [encode(tokenizer, t) + [stop_id] for t in texts]
+            version = -1
         steps = runner.step({i: t for i, t in zip(live, texts)})  # one StepResult per slot, ascending
         for step, action in zip(steps, actions):
             episode = episodes[step.index]
@@ -186,7 +190,7 @@ def play_episodes(
             obs_ids = encode(tokenizer, fmt.next(step.obs))
             episode.turns.append(Turn(state=states[step.index], action=action, obs=obs_ids,
                                       reward=float(step.reward), done=step.done,
-                                      invalid=bool(step.info.get("invalid", False))))
+                                      invalid=bool(step.info.get("invalid", False)), policy_version=version))
             episode.success |= bool(step.info.get("success", False))
             states[step.index] = window(states[step.index] + action + obs_ids)
     if dialogues is not None:

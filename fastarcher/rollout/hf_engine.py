@@ -112,6 +112,7 @@ class HFEngine:
         self.device = device
         self.max_batch = max_batch
         self._params = dict(self.model.named_parameters())
+        self.version = 0  # completed weight syncs, stamped on every GenerationOutput
         # Newer transformers name the cache argument `cache`; older ones `past_key_values`.
         forward_args = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
@@ -131,7 +132,8 @@ class HFEngine:
     @torch.no_grad()
     def _generate(self, prompts, params: SamplingParams, generator, prefixes: list[RowCache | None] | None,
                   store: list[bool] | None):
-        out = GenerationOutput(token_ids=[[] for _ in prompts], logprobs=[[] for _ in prompts])
+        out = GenerationOutput(token_ids=[[] for _ in prompts], logprobs=[[] for _ in prompts],
+                               policy_version=self.version)
         caches: list[RowCache | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         for start in range(0, len(order), self.max_batch):
@@ -240,6 +242,12 @@ class HFEngine:
             if name not in self._params:
                 raise KeyError(f"engine has no parameter named {name!r}")
             self._params[name].copy_(tensor)
+
+    def begin_weight_update(self) -> None:
+        pass
+
+    def end_weight_update(self) -> None:
+        self.version += 1
 
     def named_parameters(self):
         return self.model.named_parameters()
