@@ -35,6 +35,11 @@ REPLAY_ALGOS = ("archer", "chai")
 """Algorithms with a replay buffer (off-policy), the ones that can take demonstrations into it."""
 
 
+
+def cuda_visible() -> bool:
+    """A CUDA GPU is visible (one place, so tests can drive the GPU-only engine's loop with a stand-in)."""
+    return torch.cuda.is_available()
+
 @dataclass(kw_only=True)
 class RolloutConfig:
     engine: Literal["hf", "sglang"] = "hf"
@@ -502,7 +507,7 @@ class TrainConfig:
                              "critic.encoder separate with model.lora")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device is 'cuda' but no CUDA GPU is visible: pass --device cpu (or auto)")
-        if self.rollout.engine == "sglang" and not torch.cuda.is_available():
+        if self.rollout.engine == "sglang" and not cuda_visible():
             raise ValueError("rollout.engine sglang needs a CUDA GPU and none is visible: use --rollout.engine hf")
         _check_model_files(self.model.path, self.model.gguf_file)
         if self.critic.encoder_path is not None:

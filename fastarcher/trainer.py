@@ -108,7 +108,11 @@ class Trainer:
         optim = cfg.optim
         trainable = [p for p in self.policy.parameters() if p.requires_grad]  # the adapters alone with LoRA
         self.actor_opt = torch.optim.AdamW(trainable, lr=optim.actor_lr, weight_decay=optim.weight_decay)
-        self.engine = HFEngine(engine_model, pad_id=self.pad_id, device=self.device, max_batch=cfg.rollout.max_batch)
+        if cfg.rollout.engine == "sglang":
+            self.engine = self._sglang_engine(engine_model)
+            del engine_model  # the engine loads its own copy: dummy weights, then the first sync
+        else:
+            self.engine = HFEngine(engine_model, pad_id=self.pad_id, device=self.device, max_batch=cfg.rollout.max_batch)
         self.constraint = None
         if cfg.rollout.constrain_actions:
             choices = make_env(cfg.env).action_choices()
@@ -200,6 +204,22 @@ class Trainer:
     def sync_engine(self) -> float:
         return self.actor.sync_engine()
 
+    def _sglang_engine(self, plain_policy):
+        """One sglang engine on this rank's GPU. It reads the architecture from a config-only folder (its
+        weights start as dummies and arrive by sync) and receives the plain policy's parameter names."""
+        from fastarcher.rollout.buckets import tied_output_names
+        from fastarcher.rollout.sglang_engine import build_sglang_engine
+
+        folder = self.run_dir / f"engine_model_rank{self.info.rank}"
+        config = copy.deepcopy(plain_policy.config)
+        config.architectures = [type(plain_policy).__name__]
+        config.save_pretrained(folder)
+        dtype = torch.bfloat16 if self.cfg.model.mixed_precision != "off" else next(plain_policy.parameters()).dtype
+        return build_sglang_engine(str(folder), weight_names=[n for n, _ in plain_policy.named_parameters()],
+                                   skip_names=tied_output_names(plain_policy), dtype=dtype, device=self.device,
+                                   mem_fraction=self.cfg.rollout.sglang_mem_fraction, seed=self.cfg.seed,
+                                   log=lambda line: self.logger.print(line) if hasattr(self, "logger") else print(line))
+
     # ----------------------------------------------------------------------------------------------
     # phases of a run
 
@@ -256,6 +276,8 @@ class Trainer:
         greedy = None
         if self.greedy_runner is not None:  # the baseline rollout: one greedy episode per distinct seed
             greedy = self.play(self.greedy_runner, list(dict.fromkeys(seeds)), greedy=True)
+        if not getattr(self.algorithm, "samples_in_update", False):
+            self.engine.sleep()  # the update trains and syncs before anything generates again
         t_rollout = time.perf_counter() - t0
         metrics = rollout.stats("rollout")
         metrics["perf/tokens_per_s"] = rollout.generated_tokens / max(t_rollout, 1e-9)
@@ -266,6 +288,7 @@ class Trainer:
         metrics.update({"time/rollout_s": t_rollout, "time/critic_s": 0.0, "time/actor_s": 0.0, "time/sync_s": 0.0})
         metrics.update(self.algorithm.update(IterationBatch(self.iteration, rollout, transitions, greedy), bag))
         metrics.update(bag.means())
+        metrics.update({f"engine/{k}": v for k, v in getattr(self.engine, "timings", {}).items()})  # sglang's phases
         metrics.update(self.guard.metrics())
         metrics["optim/lr_scale"] = scale
         return metrics
@@ -277,8 +300,8 @@ class Trainer:
         if hasattr(self.algorithm, "describe"):
             self.logger.print(self.algorithm.describe())
         resumed = self.checkpointer.restore() is not None
-        if resumed:
-            self.sync_engine()  # the rollout engine's copy of the restored policy
+        if resumed or not getattr(self.engine, "weights_valid", True):
+            self.sync_engine()  # the rollout engine's copy of the restored (or initial) policy
         else:
             on_main(lambda: self.logger.start_fresh(keep_earlier=cfg.checkpoint.resume == "none"),
                     f"cannot start the metrics file in {self.run_dir}", CheckpointError)

@@ -11,6 +11,7 @@
 The FSDP2 → buckets → spawned consumer check runs under torchrun in tests/sglang_fsdp_check.py.
 """
 import ast
+import json
 import importlib.util
 import inspect
 import random
@@ -336,3 +337,54 @@ def test_fsdp2_shards_reach_a_spawned_consumer_bit_exact(tmp_path):
         assert result["all_equal"], result["mismatch"]
         assert result["dtypes"] == ["torch.bfloat16"]
         assert result["buckets"] > 1
+
+
+# ---- the trainer's loop with the engine (the stand-in in place of sglang.Engine) -------------------
+
+@pytest.mark.parametrize("algo", ["archer", "ppo"])
+def test_trainer_loop_drives_the_engine_without_misuse(tmp_path, monkeypatch, algo):
+    from fastarcher import config as config_module
+    from fastarcher.dist import DistInfo
+    from fastarcher.train import parse_config
+    from fastarcher.trainer import Trainer
+
+    standins = []
+
+    def fake_build(model_path, *, weight_names, skip_names, dtype, device, mem_fraction, seed, log=None, **_):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path)  # the folder the trainer wrote for sglang
+        assert config.architectures == ["LlamaForCausalLM"] and 0 < mem_fraction < 1
+        model, tok = tiny_policy(torch.float32, seed=123, hidden_size=config.hidden_size,
+                                 num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                                 intermediate_size=config.intermediate_size)
+        standins.append(StandInEngine(model, pad_id=tok.pad_token_id))
+        engine = se.SGLangEngine(standins[-1], weight_names=weight_names, weight_dtype=dtype, skip_names=skip_names)
+        engine.sleep()
+        return engine
+
+    monkeypatch.setattr(config_module, "cuda_visible", lambda: True)
+    monkeypatch.setattr(se, "build_sglang_engine", fake_build)
+    flags = ("--config configs/tiny_cpu.yaml --rollout.num-envs 4 --eval.episodes 4 --eval.no-random-baseline "
+             "--archer.batch-size 6 --archer.warmup-iterations 1 --archer.critic-epochs 2 --archer.actor-epochs 2 "
+             "--replay.capacity 64 --model.num-layers 1 --critic.num-layers 1 --log.no-progress --eval.every 1 "
+             "--checkpoint.no-export-hf --checkpoint.no-save-on-sigterm --iterations 3 --device cpu "
+             "--rollout.engine sglang --rollout.no-constrain-actions --replay.max-action-len 5").split()
+    cfg = parse_config([*flags, "--algo", algo, "--log.run-dir", str(tmp_path / "run")])
+    cfg.validate(world_size=1)
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    trainer.fit()
+    (standin,) = standins
+    assert not standin.errors and not standin.warnings and standin.buffers_unchanged(), standin.errors
+    engine = trainer.engine
+    # syncs: the first (dummy weights), then one per actor step (archer: 2 epochs × 2 iterations) or update
+    assert engine.version == (1 + 2 * 2 if algo == "archer" else 1 + 3)
+    releases = [c for c in standin.calls if c.startswith("release")]
+    assert "release weights,kv_cache,cuda_graph" in releases
+    if algo == "archer":
+        assert "release kv_cache,cuda_graph" in releases  # after the critic phase's fresh actions
+    assert engine.weight_dtype == torch.bfloat16  # mixed precision 'auto' is bf16 on the GPU sglang needs
+    for name, p in trainer.policy.named_parameters():  # the engine holds the trained policy, as bf16
+        assert torch.equal(standin.params[name], p.detach().to(torch.bfloat16).float()), name
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("engine/sync_gb_per_s" in row for row in rows)

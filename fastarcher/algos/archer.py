@@ -223,6 +223,7 @@ class Archer(AlgorithmBase):
     """
 
     name = "archer"
+    samples_in_update = True  # fresh actions a′ in both phases; each phase releases engine memory itself
     acts_with_critic = False
 
     def __init__(self, ctx):
@@ -304,6 +305,7 @@ class Archer(AlgorithmBase):
         batch = self.buffer.sample(a.batch_size * micro, ctx.streams.buffer_gen)
         fresh_ids, fresh_len, _, calls = ctx.actor.sample_actions(batch, ctx.streams.sample_gen,
                                                                   self.acting_engine(ctx.actor.engine))
+        ctx.actor.engine.release_cache()  # the critic trains now; the actor phase samples from the same weights
         bag.add({"count/fresh_generate_calls": float(calls)})
         for step in range(a.critic_epochs):
             for k in range(a.grad_accum):
@@ -339,6 +341,7 @@ class Archer(AlgorithmBase):
             step = (iteration - a.warmup_iterations) * a.actor_epochs + epoch  # actor step index of the traces
             batch = self.buffer.sample(a.batch_size * a.grad_accum, ctx.streams.buffer_gen)
             fresh_ids, fresh_len, fresh_sampled, calls = actor.sample_actions(batch, ctx.streams.sample_gen)
+            actor.engine.sleep()  # the policy trains now and is synced back at the end of the epoch
             bag.add({"count/fresh_generate_calls": float(calls)})
             for k in range(a.grad_accum):
                 rows = slice(k * a.batch_size, (k + 1) * a.batch_size)

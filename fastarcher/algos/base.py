@@ -63,6 +63,7 @@ class IterationBatch:
 class Algorithm(Protocol):
     name: str
     greedy_baseline: bool  # the loop plays a greedy episode per seed too (ReMax)
+    samples_in_update: bool  # update() generates with the engine (the loop keeps its weights resident)
 
     def acting_engine(self, engine): ...  # what plays the episodes (the policy's engine, or a wrapper of it)
 
@@ -88,6 +89,9 @@ class AlgorithmBase:
     name = ""
     greedy_baseline = False
     """True: the loop also plays one greedy episode per distinct env seed of the iteration (`batch.greedy`)."""
+    samples_in_update = False
+    """True: `update` generates with the engine (ArCHer's fresh actions a′), so the loop must not release the
+    engine's weights after the rollout; the algorithm releases memory itself where it can."""
 
     def __init__(self, ctx: AlgoContext):
         self.ctx = ctx

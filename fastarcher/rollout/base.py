@@ -87,6 +87,8 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None: ...
 
-    def sleep(self) -> None: ...
+    def sleep(self) -> None: ...  # release all engine memory; the next sync brings the weights back
+
+    def release_cache(self) -> None: ...  # release the KV cache only (weights stay valid)
 
     def wake(self) -> None: ...

@@ -255,6 +255,9 @@ class HFEngine:
     def sleep(self) -> None:
         """Nothing to release: the engine shares the process and device with training."""
 
+    def release_cache(self) -> None:
+        pass
+
     def wake(self) -> None:
         pass
 

@@ -102,6 +102,7 @@ class SGLangEngine:
         self.weight_dtype = weight_dtype  # read by sync_weights: cast before bucketing
         self.skip_names = frozenset(skip_names)  # read by sync_weights: never sent (tied lm_head)
         self.tp_size = tp_size
+        self.max_batch = 1 << 30  # one call takes any batch: sglang schedules it itself
         self.device = device
         self.log = log or (lambda line: None)
         self.released: set[str] = set()
@@ -147,6 +148,11 @@ class SGLangEngine:
         """Give the GPU to training: release weights, KV cache and CUDA graphs (the engine is idle here:
         generation is synchronous)."""
         self._release(list(MEMORY_TAGS))
+
+    def release_cache(self) -> None:
+        """Release the KV cache and CUDA graphs but keep the weights (training that samples again from
+        the same policy before the next sync, e.g. ArCHer's critic phase)."""
+        self._release(["kv_cache", "cuda_graph"])
 
     def wake(self) -> None:
         """Resume whatever is released (weights first). Weights released without a sync since hold no
