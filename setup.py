@@ -16,6 +16,9 @@ packages = [
     "fastarcher.kernels",
 ]
 
+SGLANG_PURE_PYTHON = ["numpy", "orjson", "psutil", "pybase64", "requests", "pillow", "starlette", "msgspec",
+                      "pyzmq", "tqdm", "ipython", "pydantic", "aiohttp"]
+
 setup(
     name="fastarcher",
     version="0.1.0",
@@ -39,8 +42,11 @@ setup(
         "triton; platform_system=='Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
-        "sglang": ["sglang"],
+        # The tests of the sglang engine import sglang's CPU-side classes. sglang pins torch exactly, so it is
+        # installed apart with --no-deps (README); these are the pure-Python packages those classes import.
+        "test": ["pytest", "pytest-benchmark", *SGLANG_PURE_PYTHON],
+        # --rollout.engine sglang on a GPU: `pip install --no-deps sglang` first, then this extra.
+        "sglang": SGLANG_PURE_PYTHON,
         "flash": ["flash-attn"],
     },
 )
