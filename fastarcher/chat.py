@@ -15,11 +15,8 @@ A `DialogueFormat` says what text surrounds each observation and which single to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-from fastarcher.model import STOP_TEXT, encode
-
-ChatTemplateMode = Literal["auto", "on", "off"]
+from fastarcher.model import STOP_TEXT, ChatTemplateMode, encode
 
 _PROBE = ("\x00fastarcher-probe-{}\x00")
 """Placeholder contents: text no env or template produces, found again in the rendering."""

@@ -44,8 +44,8 @@ def cuda_visible() -> bool:
 class RolloutConfig:
     engine: Literal["hf", "sglang"] = "hf"
     """Rollout engine: 'hf' (transformers, KV cache; the CPU default); 'sglang' (one engine per GPU beside
-    training, memory released while training; needs CUDA, the sglang package and
-    --rollout.no-constrain-actions; fastarcher/rollout/sglang_engine.py)."""
+    training, memory released while training; needs CUDA, the sglang package and unconstrained actions;
+    docs/sglang.md)."""
     sglang_mem_fraction: float = 0.5
     """sglang's `mem_fraction_static`: the share of GPU memory for its weights and KV cache while it runs
     (released during training). Lower it when resuming the engine runs out of memory."""

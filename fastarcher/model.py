@@ -20,6 +20,9 @@ from torch import nn
 
 from fastarcher.lora import LoraSettings
 
+ChatTemplateMode = Literal["auto", "on", "off"]
+"""Dialogue rendering: the tokenizer's chat template when it has one ('auto'), always ('on'), never ('off')."""
+
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<eos>"
 UNK_TOKEN = "<unk>"
@@ -46,7 +49,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Built-in model: one matrix for the input embeddings and the output projection. Untied, a gradient
     that raises an action's logit does not also move how that token reads when it is in the history."""
-    chat_template: Literal["auto", "on", "off"] = "auto"
+    chat_template: ChatTemplateMode = "auto"
     """Render every dialogue through the tokenizer's chat template (user turns for observations, assistant turns
     for replies, which then end with the template's end-of-turn token): auto = when the tokenizer has one (the
     built-in tokenizer has none); off = plain text, replies end with a newline (base models)."""
