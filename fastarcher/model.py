@@ -63,6 +63,14 @@ class ModelConfig:
     mixed_precision: Literal["auto", "bf16", "off"] = "auto"
     """Under torchrun (FSDP2): bf16 parameters and compute with fp32 gradient reduction and fp32 master weights
     in the optimizer. auto = bf16 on CUDA, off on CPU. A single plain process (no FSDP2) ignores it."""
+    cpu_offload: bool = False
+    """Under torchrun on CUDA: FSDP2 keeps parameter shards, gradients and AdamW state in CPU memory and moves
+    each block to the GPU for its compute (CPUOffloadPolicy): for a policy that does not fit, at the cost of
+    host-device copies every step. Ignored, with a note, where training runs on CPU."""
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa"] = "auto"
+    """Attention kernel of the policy (transformers' attn_implementation). auto = flash_attention_2 on CUDA when
+    the flash-attn package is installed (the [flash] extra), else sdpa. (transformers' eager kernel is not
+    offered: with left padding its fully masked rows turn into NaN that reach real positions.)"""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype of the policy (training keeps optimizer math in this dtype)."""
     fused_head: bool = True
@@ -115,7 +123,7 @@ def build_builtin_tokenizer(words: tuple[str, ...] | None = None):
     )
 
 
-def build_builtin_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int) -> nn.Module:
+def build_builtin_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, attn: str = "sdpa") -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -131,6 +139,7 @@ def build_builtin_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: 
         eos_token_id=eos_id,
         bos_token_id=eos_id,
     )
+    config._attn_implementation = attn
     return LlamaForCausalLM(config)
 
 
@@ -147,17 +156,33 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_policy(cfg: ModelConfig):
-    """Return (model, tokenizer); the model is on CPU in `cfg.dtype`, in train mode."""
+def attention_implementation(mode: str, device_type: str) -> str:
+    """The attention kernel for `mode` on a device type: auto picks flash_attention_2 on CUDA when flash-attn
+    is installed, else sdpa; an explicit flash_attention_2 without the package (or off CUDA) is refused."""
+    import importlib.util
+
+    have_flash = importlib.util.find_spec("flash_attn") is not None
+    if mode == "auto":
+        return "flash_attention_2" if device_type == "cuda" and have_flash else "sdpa"
+    if mode == "flash_attention_2" and not (have_flash and device_type == "cuda"):
+        raise ValueError("model.attn_implementation flash_attention_2 needs a CUDA device and the flash-attn package "
+                         "(pip install -e '.[flash]'); use auto or sdpa")
+    return mode
+
+
+def load_policy(cfg: ModelConfig, device_type: str = "cpu"):
+    """Return (model, tokenizer); the model is on CPU in `cfg.dtype`, in train mode, with the attention kernel
+    `attention_implementation` picks for `device_type` (where training will run)."""
     dtype = getattr(torch, cfg.dtype)
     tokenizer = load_tokenizer(cfg)
+    attn = attention_implementation(cfg.attn_implementation, device_type)
     if cfg.path is None:
-        model = build_builtin_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+        model = build_builtin_model(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, attn)
     else:
         from transformers import AutoModelForCausalLM
 
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn, **kwargs)
     model.to(dtype)
     model.config.use_cache = True
     return model, tokenizer

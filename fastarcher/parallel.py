@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 
 def data_parallel_mesh(device: torch.device, world_size: int) -> DeviceMesh:
@@ -25,9 +25,12 @@ def mixed_precision_policy(mode: str, device: torch.device) -> MixedPrecisionPol
 
 
 def parallelize(model: nn.Module, blocks: list[nn.Module], mesh: DeviceMesh,
-                mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
-    """Shard each block as its own unit (all-gathered just in time), then the remaining root params."""
+                mp_policy: MixedPrecisionPolicy | None = None, offload: bool = False) -> nn.Module:
+    """Shard each block as its own unit (all-gathered just in time), then the remaining root params.
+    offload: shards, gradients and optimizer state live in (pinned) CPU memory (FSDP2 CPUOffloadPolicy)."""
     kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     for block in blocks:
         fully_shard(block, mesh=mesh, **kwargs)
     # The root reshards after forward too: by default FSDP2 keeps root parameters unsharded after a

@@ -87,7 +87,7 @@ class Trainer:
         cfg.validate(world_size=info.world_size)  # the entry point's checks, for a Trainer built from Python
         # Identical init on every rank (FSDP2 keeps each rank's shard of its own full copy).
         seed_everything(cfg.seed)
-        policy, tokenizer = load_policy(cfg.model)
+        policy, tokenizer = load_policy(cfg.model, self.device.type)
         self.format = dialogue_format(tokenizer, cfg.model.chat_template, cfg.model.system_prompt)
         sizes = token_sizes(cfg.env, lambda text: encode(tokenizer, text), self.format.wrap_encoder(tokenizer))
         cfg.check_env_fits(sizes)
@@ -103,7 +103,8 @@ class Trainer:
             enable_activation_checkpointing(self.policy)  # the training copy only: the engine never backpropagates
         if mesh is not None:
             parallelize(self.policy, transformer_blocks(self.policy), mesh,
-                        mixed_precision_policy(cfg.model.mixed_precision, self.device))
+                        mixed_precision_policy(cfg.model.mixed_precision, self.device),
+                        offload=cfg.model.cpu_offload and self.device.type == "cuda")
         self.policy.train()
         optim = cfg.optim
         trainable = [p for p in self.policy.parameters() if p.requires_grad]  # the adapters alone with LoRA
@@ -135,11 +136,13 @@ class Trainer:
         if cfg.model.mixed_precision == "bf16" and mesh is None:
             self.logger.print("note: model.mixed_precision bf16 applies under torchrun (FSDP2); this single process "
                               "trains in model.dtype")
+        if cfg.model.cpu_offload and (mesh is None or self.device.type != "cuda"):
+            self.logger.print("note: model.cpu_offload applies under torchrun on CUDA (FSDP2); ignored here")
         log = lambda message: self.logger.print(message)  # noqa: E731 - late-bound: a replaced logger.print is used
         self.guard = StepGuard(cfg.guard, log=log)
         def make_policy() -> torch.nn.Module:
             with torch.random.fork_rng(devices=[]):  # building must not move the run's random streams
-                model, _ = load_policy(cfg.model)
+                model, _ = load_policy(cfg.model, self.device.type)
             return model.to(self.device)
 
         def shard(module: torch.nn.Module, blocks: list) -> torch.nn.Module:
