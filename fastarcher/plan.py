@@ -50,11 +50,32 @@ def _nbytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
+class _SizedTokenizer:
+    """Vocabulary size and pad id: all the planner needs of a tokenizer."""
+
+    def __init__(self, vocab: int):
+        self.vocab, self.pad_token_id, self.eos_token_id = vocab, 0, 0
+
+    def __len__(self) -> int:
+        return self.vocab
+
+
 def _fake_policy(cfg):
-    """The policy and tokenizer size, built on fake tensors (no weights read)."""
+    """The policy and tokenizer, the policy built on fake tensors (no weights read). A folder with only
+    `config.json` (planning before the weights are downloaded) gets a stand-in tokenizer of the config's
+    vocabulary size."""
     from fastarcher.model import build_builtin_model, load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model)
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+    except (OSError, ValueError):
+        if cfg.model.path is None or cfg.model.gguf_file:
+            raise
+        tokenizer = None
+    if cfg.model.path is not None and (tokenizer is None or len(tokenizer) < 2):  # no tokenizer files there
+        from transformers import AutoConfig
+
+        tokenizer = _SizedTokenizer(AutoConfig.from_pretrained(cfg.model.path).vocab_size)
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, cfg.model.dtype))  # fake parameters cannot be cast in place later
     try:

@@ -118,3 +118,30 @@ def test_cli_prints_the_plan_and_json():
     out = subprocess.run([sys.executable, "-m", "fastarcher.plan", "--config", "configs/tiny_cpu.yaml", "--nproc", "2"],
                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert "memory per rank (2 processes)" in out.stdout and "expected peak" in out.stdout, out.stderr[-2000:]
+
+
+QWEN_SHAPES = {  # config.json of the public models (no weights, no tokenizer: the planner needs neither)
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, shape, nproc", [("qwen05b_1gpu", "qwen2.5-0.5b", 1),
+                                                  ("qwen7b_8gpu_lora", "qwen2.5-7b", 8),
+                                                  ("multinode_2x8", "qwen2.5-7b", 16)])
+def test_gpu_preset_headers_state_the_planned_peak(tmp_path, preset, shape, nproc):
+    import re
+
+    from transformers import Qwen2Config
+
+    Qwen2Config(**QWEN_SHAPES[shape], max_position_embeddings=32768, architectures=["Qwen2ForCausalLM"]).save_pretrained(tmp_path)
+    cfg = parse_config(["--config", preset, "--model.path", str(tmp_path)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peak = plan_memory(cfg, nproc).peak / 2**30
+    header = (REPO / "configs" / f"{preset}.yaml").read_text()
+    stated = float(re.search(r"expected\s+#?\s*peak ([0-9.]+) GiB", header).group(1))
+    assert abs(stated - peak) < 0.1, (stated, peak)
