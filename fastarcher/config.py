@@ -35,10 +35,10 @@ REPLAY_ALGOS = ("archer", "chai")
 """Algorithms with a replay buffer (off-policy), the ones that can take demonstrations into it."""
 
 
-
 def cuda_visible() -> bool:
     """A CUDA GPU is visible (one place, so tests can drive the GPU-only engine's loop with a stand-in)."""
     return torch.cuda.is_available()
+
 
 @dataclass(kw_only=True)
 class RolloutConfig:
@@ -505,7 +505,7 @@ class TrainConfig:
         if self.model.lora.enabled and self.critic.encoder == "policy":
             raise ValueError("critic.encoder 'policy' reads the policy's trunk, which LoRA freezes and wraps: use "
                              "critic.encoder separate with model.lora")
-        if self.device == "cuda" and not torch.cuda.is_available():
+        if self.device == "cuda" and not cuda_visible():
             raise ValueError("device is 'cuda' but no CUDA GPU is visible: pass --device cpu (or auto)")
         if self.rollout.engine == "sglang" and not cuda_visible():
             raise ValueError("rollout.engine sglang needs a CUDA GPU and none is visible: use --rollout.engine hf")

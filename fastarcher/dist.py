@@ -40,12 +40,17 @@ class DistInfo:
         return self.world_size > 1
 
 
+def wants_cuda(device: str) -> bool:
+    """Whether the `--device` choice trains on CUDA ('auto': when a GPU is visible)."""
+    return torch.cuda.is_available() if device == "auto" else device == "cuda"
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join torchrun's process group (if launched by torchrun) and pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    use_cuda = wants_cuda(device)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device is 'cuda' but no CUDA device is visible: pass --device cpu (or auto)")
     if use_cuda:

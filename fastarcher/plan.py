@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 
-
 @dataclass
 class MemoryPlan:
     world_size: int

@@ -72,13 +72,12 @@ def check_config(cfg: TrainConfig) -> None:
     observation and action in tokens of the policy's tokenizer (built in, or read from model.path)."""
     from fastarcher.envs import token_sizes
     from fastarcher.chat import dialogue_format, stop_id_of
-    import torch
-
+    from fastarcher.dist import wants_cuda
     from fastarcher.model import attention_implementation, encode, load_tokenizer
 
     cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    attention_implementation(cfg.model.attn_implementation, "cuda" if cuda else "cpu")  # refuses flash without it
+    # refuses flash-attn where it cannot run, before any work
+    attention_implementation(cfg.model.attn_implementation, "cuda" if wants_cuda(cfg.device) else "cpu")
     try:
         tokenizer = load_tokenizer(cfg.model)
         fmt = dialogue_format(tokenizer, cfg.model.chat_template, cfg.model.system_prompt)

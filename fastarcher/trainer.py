@@ -279,7 +279,7 @@ class Trainer:
         greedy = None
         if self.greedy_runner is not None:  # the baseline rollout: one greedy episode per distinct seed
             greedy = self.play(self.greedy_runner, list(dict.fromkeys(seeds)), greedy=True)
-        if not getattr(self.algorithm, "samples_in_update", False):
+        if not self.algorithm.samples_in_update:
             self.engine.sleep()  # the update trains and syncs before anything generates again
         t_rollout = time.perf_counter() - t0
         metrics = rollout.stats("rollout")
@@ -291,7 +291,7 @@ class Trainer:
         metrics.update({"time/rollout_s": t_rollout, "time/critic_s": 0.0, "time/actor_s": 0.0, "time/sync_s": 0.0})
         metrics.update(self.algorithm.update(IterationBatch(self.iteration, rollout, transitions, greedy), bag))
         metrics.update(bag.means())
-        metrics.update({f"engine/{k}": v for k, v in getattr(self.engine, "timings", {}).items()})  # sglang's phases
+        metrics.update({f"engine/{k}": v for k, v in self.engine.timings.items()})  # sglang's phases (HF: none)
         metrics.update(self.guard.metrics())
         metrics["optim/lr_scale"] = scale
         return metrics
@@ -303,11 +303,13 @@ class Trainer:
         if hasattr(self.algorithm, "describe"):
             self.logger.print(self.algorithm.describe())
         resumed = self.checkpointer.restore() is not None
-        if resumed or not getattr(self.engine, "weights_valid", True):
-            self.sync_engine()  # the rollout engine's copy of the restored (or initial) policy
+        if resumed:
+            self.sync_engine()  # the rollout engine's copy of the restored policy
         else:
             on_main(lambda: self.logger.start_fresh(keep_earlier=cfg.checkpoint.resume == "none"),
                     f"cannot start the metrics file in {self.run_dir}", CheckpointError)
+            if not self.engine.weights_valid:  # an engine that starts from dummy weights (sglang)
+                self.sync_engine()
         if cfg.warm_start.steps and not resumed:
             self.warm_start()
         if self.algorithm is not None:

@@ -373,6 +373,9 @@ def test_trainer_loop_drives_the_engine_without_misuse(tmp_path, monkeypatch, al
     cfg = parse_config([*flags, "--algo", algo, "--log.run-dir", str(tmp_path / "run")])
     cfg.validate(world_size=1)
     trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    # a row left by an attempt that died before its first checkpoint: a fresh start drops it (as with hf)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as stale:
+        stale.write(json.dumps({"iteration": 99, "stale": 1}) + "\n")
     trainer.fit()
     (standin,) = standins
     assert not standin.errors and not standin.warnings and standin.buffers_unchanged(), standin.errors
@@ -388,3 +391,4 @@ def test_trainer_loop_drives_the_engine_without_misuse(tmp_path, monkeypatch, al
         assert torch.equal(standin.params[name], p.detach().to(torch.bfloat16).float()), name
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("engine/sync_gb_per_s" in row for row in rows)
+    assert not any("stale" in row for row in rows)

@@ -81,11 +81,18 @@ class GenerationOutput:
 
 
 class RolloutEngine(Protocol):
+    weights_valid: bool  # holds the policy's weights (false: dummy weights, or released since the last sync)
+    timings: dict[str, float]  # seconds of its last memory and sync phases, logged under engine/
+
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None
     ) -> GenerationOutput: ...
 
+    def begin_weight_update(self) -> None: ...  # before the buckets of one sync
+
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None: ...
+
+    def end_weight_update(self) -> None: ...  # after them: the engine holds the new policy version
 
     def sleep(self) -> None: ...  # release all engine memory; the next sync brings the weights back
 

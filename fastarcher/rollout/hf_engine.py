@@ -113,6 +113,8 @@ class HFEngine:
         self.max_batch = max_batch
         self._params = dict(self.model.named_parameters())
         self.version = 0  # completed weight syncs, stamped on every GenerationOutput
+        self.weights_valid = True  # a copy of the policy from the start
+        self.timings: dict[str, float] = {}  # nothing is released or resumed
         # Newer transformers name the cache argument `cache`; older ones `past_key_values`.
         forward_args = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"

@@ -41,6 +41,3 @@ def sync_weights(model: nn.Module, engine, bucket_bytes: int) -> dict[str, float
     if end is not None:
         end()
     return {"bytes": float(total), "buckets": float(buckets), "seconds": time.perf_counter() - start}
-
-
-
