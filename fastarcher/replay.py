@@ -114,11 +114,15 @@ class TransitionBatch:
             reward=self.reward, done=self.done, mc_return=self.mc_return, pad_id=self.pad_id,
         )
 
+    def next_state_width(self, max_len: int) -> int:
+        """Columns of `next_state(max_len)`: rows of a bigger batch's s' cut to this width are equal to it."""
+        return min(self.state_ids.shape[1] + self.action_ids.shape[1] + self.next_obs_ids.shape[1], max_len)
+
     def next_state(self, max_len: int) -> tuple[Tensor, Tensor]:
         """s' = s ⊕ a ⊕ o as right-padded ids (B, S') and lengths (B,).
 
         Rows longer than `max_len` are left-truncated (the last `max_len` tokens are kept).
-        S' = min(S + A + O, max_len). Built with one gather per segment, no loop over rows.
+        S' = min(S + A + O, max_len). Built with one gather, no loop over rows.
         """
         return concat_segments(
             [(self.state_ids, self.state_len), (self.action_ids, self.action_len),
@@ -130,29 +134,34 @@ class TransitionBatch:
 def concat_segments(segments: list[tuple[Tensor, Tensor]], *, max_len: int, pad_id: int) -> tuple[Tensor, Tensor]:
     """Concatenate right-padded token segments row by row, keeping at most the last `max_len` tokens.
 
-    segments: [(ids (B, T_k), lengths (B,)), ...]. Returns ids (B, W) with W = min(Σ T_k, max_len)
+    segments: [(ids (B, T_k), lengths (B,)), ...]. Returns int64 ids (B, W) with W = min(Σ T_k, max_len)
     and lengths (B,) = min(Σ len_k, max_len). Output position q of row b reads concatenated position
-    p = start_b + q, start_b = max(total_b − max_len, 0); each segment answers for the p inside it.
+    p = start_b + q, start_b = max(total_b − max_len, 0). Position p lies in the last segment k whose
+    real tokens begin at or before it (ends_{k−1} <= p), and sits at column p + shift_k of the segments
+    laid side by side, shift_k = (T_0 + … + T_{k−1}) − (len_0 + … + len_{k−1}): so one gather from that
+    side-by-side tensor fills the whole output (a loop over the segments, never over rows).
     """
     if max_len <= 0:
         raise ValueError(f"max_len ({max_len}) must be positive")
-    first_ids = segments[0][0]
-    device = first_ids.device
-    width = min(sum(ids.shape[1] for ids, _ in segments), max_len)
+    device = segments[0][0].device
+    widths = [ids.shape[1] for ids, _ in segments]
+    width = min(sum(widths), max_len)
     lens = [length.to(device=device, dtype=torch.long) for _, length in segments]
-    total = torch.stack(lens).sum(0)  # (B,)
-    start = (total - max_len).clamp(min=0)  # (B,)
-    pos = start[:, None] + torch.arange(width, device=device)  # (B, W) position in the full concatenation
-    out = torch.full((first_ids.shape[0], width), pad_id, dtype=torch.long, device=device)
-    offset = torch.zeros_like(total)  # (B,) where the current segment begins
-    for (ids, _), length in zip(segments, lens):  # loop over the 3 segments, not over rows
-        local = pos - offset[:, None]  # (B, W)
-        inside = (local >= 0) & (local < length[:, None])
-        if ids.shape[1] > 0:
-            picked = ids.long().gather(1, local.clamp(0, ids.shape[1] - 1))
-            out = torch.where(inside, picked, out)
-        offset = offset + length
-    return out, total.clamp(max=max_len)
+    ends, shifts = [], []  # per segment (B,): where its real tokens end; column shift inside it
+    end, first_col = torch.zeros_like(lens[0]), 0
+    for w, length in zip(widths, lens):
+        shifts.append(first_col - end)
+        end = end + length
+        ends.append(end)
+        first_col += w
+    total = end
+    pos = (total - max_len).clamp(min=0)[:, None] + torch.arange(width, device=device)  # (B, W)
+    col = pos + shifts[0][:, None]
+    for k in range(1, len(segments)):
+        col = torch.where(pos >= ends[k - 1][:, None], pos + shifts[k][:, None], col)
+    side_by_side = torch.cat([ids.long() for ids, _ in segments], 1)  # (B, Σ T_k)
+    out = side_by_side.gather(1, col.clamp_(max=max(first_col - 1, 0)))  # positions past the end: padded below
+    return out.masked_fill_(pos >= total[:, None], pad_id), total.clamp(max=max_len)
 
 
 class ReplayBuffer:

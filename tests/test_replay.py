@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from fastarcher.replay import ReplayBuffer, TransitionBatch
+from fastarcher.replay import ReplayBuffer, TransitionBatch, concat_segments
 
 PAD = 0
 
@@ -192,6 +192,44 @@ def test_next_state_matches_per_row_reference(max_len):
     assert lengths.tolist() == [len(r) for r in ref]
     for i, r in enumerate(ref):
         assert ids[i].tolist() == r + [PAD] * (ids.shape[1] - len(r)), i
+
+
+@pytest.mark.parametrize("case", range(60))
+def test_concat_segments_matches_per_row_reference_with_empty_segments(case):
+    """Any number of segments, empty rows and zero-width segments, int32 or int64 ids, any max_len."""
+    rng = random.Random(1000 + case)
+    n, k = rng.randint(1, 9), rng.randint(1, 4)
+    widths = [rng.choice([0, 1, 2, 5]) for _ in range(k)]
+    segments, rows = [], [[] for _ in range(n)]
+    for w in widths:
+        lengths = [rng.randint(0, w) for _ in range(n)]
+        ids = torch.full((n, w), 7, dtype=rng.choice([torch.int32, torch.int64]))  # 7: padding the output must not show
+        for i, length in enumerate(lengths):
+            real = [rng.randrange(10, 60) for _ in range(length)]
+            ids[i, :length] = torch.tensor(real, dtype=ids.dtype)
+            rows[i] += real
+        segments.append((ids, torch.tensor(lengths, dtype=torch.int32)))
+    max_len = rng.randint(1, sum(widths) + 2)
+    out, lengths = concat_segments(segments, max_len=max_len, pad_id=PAD)
+    assert out.dtype == torch.int64 and out.shape == (n, min(sum(widths), max_len))
+    for i, row in enumerate(rows):
+        want = row[-max_len:]
+        assert lengths[i].item() == len(want)
+        assert out[i].tolist() == want + [PAD] * (out.shape[1] - len(want)), (case, i)
+
+
+@pytest.mark.parametrize("max_len", [1, 6, 11, 100])
+def test_next_state_of_whole_batch_sliced_equals_next_state_of_trimmed_rows(max_len):
+    """The critic phase rebuilds s' once for all its rows and cuts each micro-batch's rows to its width."""
+    rng = random.Random(max_len)
+    batch = random_batch(rng, 64, 9, 3, 5)
+    all_ids, all_len = batch.next_state(max_len)
+    for lo in range(0, 64, 8):
+        rows = slice(lo, lo + 8)
+        mb = batch.select(rows).trimmed()
+        ids, lengths = mb.next_state(max_len)
+        assert torch.equal(all_ids[rows, :mb.next_state_width(max_len)], ids)
+        assert torch.equal(all_len[rows], lengths)
 
 
 def test_next_state_of_sampled_batch_uses_buffer_pad_id():

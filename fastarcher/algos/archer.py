@@ -307,6 +307,8 @@ class Archer(AlgorithmBase):
                                                                   self.acting_engine(ctx.actor.engine))
         ctx.actor.engine.release_cache()  # the critic trains now; the actor phase samples from the same weights
         bag.add({"count/fresh_generate_calls": float(calls)})
+        # s' of every row of the phase in one rebuild (per micro-step the small calls cost more than the work)
+        next_all_ids, next_all_len = batch.next_state(self.state_window)
         for step in range(a.critic_epochs):
             for k in range(a.grad_accum):
                 rows = slice((step * a.grad_accum + k) * a.batch_size, (step * a.grad_accum + k + 1) * a.batch_size)
@@ -316,7 +318,9 @@ class Archer(AlgorithmBase):
                 a_mask = _mask(mb.action_len, mb.action_ids.shape[1])
                 q1, q2, v1, v2 = self.critic(mb.state_ids, s_mask, mb.action_ids, a_mask)
                 with torch.no_grad():
-                    next_ids, next_len = mb.next_state(self.state_window)
+                    # cut to the width mb.next_state would give: the same target inputs, bit for bit
+                    next_ids = next_all_ids[rows, :mb.next_state_width(self.state_window)]
+                    next_len = next_all_len[rows]
                     # one target call: Q̄(s, a′) and V̄(s′), without embedding the replayed a for nothing
                     tq1, tq2, tv1, tv2 = self.target(mb.state_ids, s_mask, f_ids, _mask(f_len, f_ids.shape[1]),
                                                      next_ids, _mask(next_len, next_ids.shape[1]))
