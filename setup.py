@@ -48,5 +48,7 @@ setup(
         # --rollout.engine sglang on a GPU: `pip install --no-deps sglang` first, then this extra.
         "sglang": SGLANG_PURE_PYTHON,
         "flash": ["flash-attn"],
+        # benchmarks/bench_trl.py: TRL's GRPOTrainer beside ours (pinned in constraints.txt; torch stays ours)
+        "bench": ["trl", "datasets"],
     },
 )

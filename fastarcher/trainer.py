@@ -286,6 +286,7 @@ class Trainer:
         metrics["perf/tokens_per_s"] = rollout.generated_tokens / max(t_rollout, 1e-9)
         metrics["count/rollout_engine_forwards"] = float(rollout.engine_calls)
         metrics["count/rollout_reused_tokens"] = float(rollout.reused_tokens)
+        metrics["count/rollout_generated_tokens"] = float(rollout.generated_tokens)
         if greedy is not None:  # environment episodes a sample-efficiency count must include
             metrics["count/greedy_episodes"] = float(len(greedy.episodes))
         metrics.update({"time/rollout_s": t_rollout, "time/critic_s": 0.0, "time/actor_s": 0.0, "time/sync_s": 0.0})
@@ -294,6 +295,7 @@ class Trainer:
         metrics.update({f"engine/{k}": v for k, v in self.engine.timings.items()})  # sglang's phases (HF: none)
         metrics.update(self.guard.metrics())
         metrics["optim/lr_scale"] = scale
+        metrics["time/iteration_s"] = time.perf_counter() - t0  # the whole iteration: rollout, update, sync
         return metrics
 
     def fit(self) -> dict[str, float]:

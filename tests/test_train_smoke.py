@@ -23,7 +23,8 @@ TINY_FLAGS = [
 ROLLOUT_KEYS = ["rollout/return_mean", "rollout/success_rate", "rollout/episode_len", "rollout/invalid_rate"]
 CRITIC_KEYS = ["critic/q_loss", "critic/v_loss", "critic/q_mean", "critic/v_mean"]
 ACTOR_KEYS = ["actor/pg_loss", "actor/advantage_mean", "actor/entropy"]
-TIME_KEYS = ["time/rollout_s", "time/critic_s", "time/actor_s", "time/sync_s", "perf/tokens_per_s"]
+TIME_KEYS = ["time/rollout_s", "time/critic_s", "time/actor_s", "time/sync_s", "time/iteration_s", "perf/tokens_per_s",
+             "count/rollout_generated_tokens"]
 EVAL_KEYS = ["eval/success_rate", "eval/return_mean"]
 
 
