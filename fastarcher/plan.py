@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastarcher.rollout.buckets import tensor_bytes
+
 
 @dataclass
 class MemoryPlan:
@@ -45,10 +47,6 @@ class MemoryPlan:
         return "\n".join(rows)
 
 
-def _nbytes(params) -> int:
-    return sum(p.numel() * p.element_size() for p in params)
-
-
 class _SizedTokenizer:
     """Vocabulary size and pad id: all the planner needs of a tokenizer."""
 
@@ -65,26 +63,28 @@ def _fake_policy(cfg):
     vocabulary size."""
     from fastarcher.model import build_builtin_model, load_tokenizer
 
+    config = None
+    if cfg.model.path is not None:  # read once: the model's shape, and the vocabulary size without tokenizer files
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(cfg.model.path,
+                                            **({"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}))
     try:
         tokenizer = load_tokenizer(cfg.model)
     except (OSError, ValueError):
-        if cfg.model.path is None or cfg.model.gguf_file:
+        if config is None or cfg.model.gguf_file:
             raise
         tokenizer = None
-    if cfg.model.path is not None and (tokenizer is None or len(tokenizer) < 2):  # no tokenizer files there
-        from transformers import AutoConfig
-
-        tokenizer = _SizedTokenizer(AutoConfig.from_pretrained(cfg.model.path).vocab_size)
+    if config is not None and (tokenizer is None or len(tokenizer) < 2):  # no tokenizer files there
+        tokenizer = _SizedTokenizer(config.vocab_size)
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, cfg.model.dtype))  # fake parameters cannot be cast in place later
     try:
-        if cfg.model.path is None:
+        if config is None:
             model = build_builtin_model(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
         else:
-            from transformers import AutoConfig, AutoModelForCausalLM
+            from transformers import AutoModelForCausalLM
 
-            kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
-            config = AutoConfig.from_pretrained(cfg.model.path, **kwargs)
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.model.dtype))
     finally:
         torch.set_default_dtype(default)
@@ -130,7 +130,7 @@ def plan_memory(cfg, world_size: int = 1) -> MemoryPlan:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         policy, tokenizer = _fake_policy(cfg)
-        plain = _nbytes(policy.parameters())
+        plain = tensor_bytes(policy.parameters())
         out.resident["rollout engine: full policy copy (hf)" if cfg.rollout.engine == "hf" else
                      "rollout engine: sglang (its own share, released)"] = plain if cfg.rollout.engine == "hf" else 0
         if cfg.model.lora.enabled:
@@ -138,7 +138,7 @@ def plan_memory(cfg, world_size: int = 1) -> MemoryPlan:
             # with the target layers' own weights trainable (an upper bound by those weights' gradient bytes).
             with torch.device("meta"):
                 counted = apply_lora(_fake_policy(cfg)[0], cfg.model.lora)
-            weights, trainable_bytes = _nbytes(counted.parameters()), _nbytes(p for p in counted.parameters() if p.requires_grad)
+            weights, trainable_bytes = tensor_bytes(counted.parameters()), tensor_bytes(p for p in counted.parameters() if p.requires_grad)
             targets = tuple(cfg.model.lora.target_modules)
             for name, param in policy.named_parameters():
                 param.requires_grad_(name.rsplit(".", 2)[-2] in targets)
@@ -153,7 +153,7 @@ def plan_memory(cfg, world_size: int = 1) -> MemoryPlan:
             out.resident["reference policy (shard)"] = plain // w
         if w > 1:  # FSDP2 gathers one block at a time (and prefetches the next)
             blocks = [m for m in policy.modules() if type(m).__name__.endswith("DecoderLayer")]
-            out.resident["FSDP2 all-gathered blocks (2)"] = 2 * max((_nbytes(b.parameters()) for b in blocks), default=0)
+            out.resident["FSDP2 all-gathered blocks (2)"] = 2 * max((tensor_bytes(b.parameters()) for b in blocks), default=0)
 
         a, r = cfg.archer, cfg.replay
         batch = a.batch_size
@@ -182,8 +182,8 @@ def plan_memory(cfg, world_size: int = 1) -> MemoryPlan:
             else:
                 critic = DoubleCritic(cfg.critic, vocab_size=vocab, pad_id=tokenizer.pad_token_id)
                 target = make_target(critic)
-                critic_bytes = _nbytes(critic.parameters())
-                out.resident["critic weights + target (shards)"] = (critic_bytes + _nbytes(target.parameters())) // w
+                critic_bytes = tensor_bytes(critic.parameters())
+                out.resident["critic weights + target (shards)"] = (critic_bytes + tensor_bytes(target.parameters())) // w
                 out.resident["critic AdamW state"] = 2 * critic_bytes // w
                 critic_opt = torch.optim.AdamW(critic.parameters(), lr=1e-3)
 

@@ -109,6 +109,11 @@ class Trainer:
         optim = cfg.optim
         trainable = [p for p in self.policy.parameters() if p.requires_grad]  # the adapters alone with LoRA
         self.actor_opt = torch.optim.AdamW(trainable, lr=optim.actor_lr, weight_decay=optim.weight_decay)
+        self.progress = Progress()
+        self.logger = RunLogger(
+            self.run_dir, is_main=info.is_main, total_iterations=cfg.iterations, progress=cfg.log.progress,
+            wandb_config=to_dict(cfg) if cfg.log.wandb else None, wandb_project=cfg.log.wandb_project,
+        )
         if cfg.rollout.engine == "sglang":
             self.engine = self._sglang_engine(engine_model)
             del engine_model  # the engine loads its own copy: dummy weights, then the first sync
@@ -128,11 +133,6 @@ class Trainer:
         self.streams = RandomStreams(cfg.seed, info.rank, self.device)
         self.sample_gen, self.py_rng, self.cpu_gen = self.streams.sample_gen, self.streams.py_rng, self.streams.cpu_gen
 
-        self.progress = Progress()
-        self.logger = RunLogger(
-            self.run_dir, is_main=info.is_main, total_iterations=cfg.iterations, progress=cfg.log.progress,
-            wandb_config=to_dict(cfg) if cfg.log.wandb else None, wandb_project=cfg.log.wandb_project,
-        )
         if cfg.model.mixed_precision == "bf16" and mesh is None:
             self.logger.print("note: model.mixed_precision bf16 applies under torchrun (FSDP2); this single process "
                               "trains in model.dtype")
@@ -221,7 +221,7 @@ class Trainer:
         return build_sglang_engine(str(folder), weight_names=[n for n, _ in plain_policy.named_parameters()],
                                    skip_names=tied_output_names(plain_policy), dtype=dtype, device=self.device,
                                    mem_fraction=self.cfg.rollout.sglang_mem_fraction, seed=self.cfg.seed,
-                                   log=lambda line: self.logger.print(line) if hasattr(self, "logger") else print(line))
+                                   log=lambda line: self.logger.print(line))
 
     # ----------------------------------------------------------------------------------------------
     # phases of a run

@@ -64,5 +64,10 @@ def dtype_buckets(named: Iterable[tuple[str, Tensor]], cap_bytes: int) -> Iterat
             yield bucket
 
 
+def tensor_bytes(tensors: Iterable[Tensor]) -> int:
+    """Bytes the tensors' elements take (parameters, a bucket's tensors)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def bucket_bytes(bucket: list[tuple[str, Tensor]]) -> int:
-    return sum(t.numel() * t.element_size() for _, t in bucket)
+    return tensor_bytes(t for _, t in bucket)

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from fastarcher.rollout.buckets import bucket_bytes as bucket_bytes_of, dtype_buckets, engine_tensors
+from fastarcher.rollout.buckets import dtype_buckets, engine_tensors, tensor_bytes
 
 
 def full_parameter_buckets(
@@ -36,7 +36,7 @@ def sync_weights(model: nn.Module, engine, bucket_bytes: int) -> dict[str, float
     for bucket in full_parameter_buckets(model, bucket_bytes, getattr(engine, "weight_dtype", None),
                                          frozenset(getattr(engine, "skip_names", ()))):
         engine.update_weights(bucket)
-        total += bucket_bytes_of(bucket)
+        total += tensor_bytes(t for _, t in bucket)
         buckets += 1
     if end is not None:
         end()
