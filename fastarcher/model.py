@@ -193,6 +193,14 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    """`encode` of every text in one tokenizer call (a rollout turn's observations: one call instead of one per
+    episode, the same ids)."""
+    if not texts:
+        return []
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
 def stop_token_id(tokenizer) -> int:
     """The single token that ends an utterance (newline); models whose newline spans several tokens
     are not supported as policies."""

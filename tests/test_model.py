@@ -16,6 +16,7 @@ from fastarcher.model import (
     ModelConfig,
     build_builtin_tokenizer,
     encode,
+    encode_batch,
     load_policy,
     stop_token_id,
     transformer_blocks,
@@ -51,6 +52,23 @@ def test_env_texts_round_trip_with_one_token_per_word(tok, name):
         # Every word (letter run, digit run) and every other character is exactly one known token.
         assert ids == [vocab[piece] for piece in WORD_PATTERN.findall(text)], text
         assert tok.unk_token_id not in ids
+
+
+def test_encode_batch_equals_encode_of_each_text(tok):
+    """The rollout encodes a turn's observations in one call: the same ids as one call per text (every env's
+    texts, empty and whitespace-only strings, random printable strings, and a chat-template tokenizer)."""
+    from test_chat import chat_tokenizer
+    from fastarcher.chat import chat_format
+
+    rng = random.Random(3)
+    texts = [t for name in ENV_NAMES for t in env_texts(name, episodes=2)] + ["", " ", "\n\n", "\t x"]
+    texts += ["".join(rng.choice(string.printable) for _ in range(rng.randint(0, 30))) for _ in range(50)]
+    assert encode_batch(tok, texts) == [encode(tok, t) for t in texts]
+    assert encode_batch(tok, []) == []
+    chat = chat_tokenizer()
+    fmt = chat_format(chat)
+    wrapped = [fmt.first(t) for t in texts[:20]] + [fmt.next(t) for t in texts[:20]]
+    assert encode_batch(chat, wrapped) == [encode(chat, t) for t in wrapped]
 
 
 def test_arbitrary_printable_strings_round_trip(tok):

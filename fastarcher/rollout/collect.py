@@ -17,7 +17,7 @@ import torch
 
 from fastarcher.chat import RAW, DialogueFormat
 from fastarcher.envs.runner import BatchedEnvRunner
-from fastarcher.model import encode
+from fastarcher.model import encode, encode_batch
 from fastarcher.replay import TransitionBatch
 from fastarcher.rollout.base import SamplingParams
 
@@ -156,7 +156,7 @@ def play_episodes(
 
     first_obs = runner.reset(seeds)
     episodes = [Episode(seed=s) for s in seeds]
-    states = [window(encode(tokenizer, fmt.first(obs))) for obs in first_obs]
+    states = [window(ids) for ids in encode_batch(tokenizer, [fmt.first(obs) for obs in first_obs])]
     result = RolloutResult(episodes=episodes)
     open_dialogues = getattr(engine, "open_dialogues", None) if kv_cache else None
     dialogues = open_dialogues(context_tokens) if open_dialogues is not None else None
@@ -182,12 +182,13 @@ def play_episodes(
             actions = [encode(tokenizer, t) + [stop_id] for t in texts]
             version = -1
         steps = runner.step({i: t for i, t in zip(live, texts)})  # one StepResult per slot, ascending
+        kept = iter(encode_batch(tokenizer, [fmt.next(step.obs) for step in steps if not step.dropped]))
         for step, action in zip(steps, actions):
             episode = episodes[step.index]
             if step.dropped:
                 episode.dropped = True
                 continue
-            obs_ids = encode(tokenizer, fmt.next(step.obs))
+            obs_ids = next(kept)
             episode.turns.append(Turn(state=states[step.index], action=action, obs=obs_ids,
                                       reward=float(step.reward), done=step.done,
                                       invalid=bool(step.info.get("invalid", False)), policy_version=version))
