@@ -510,6 +510,10 @@ class TrainConfig:
         if self.rollout.engine == "sglang" and not cuda_visible():
             raise ValueError("rollout.engine sglang needs a CUDA GPU and none is visible: use --rollout.engine hf")
         _check_model_files(self.model.path, self.model.gguf_file)
+        if self.critic.init == "policy" and (self.critic.encoder != "separate" or self.critic.encoder_path is not None
+                                              or self.model.lora.enabled):
+            raise ValueError("critic.init policy copies the policy's trunk into the separate encoder: use it with "
+                             "critic.encoder separate, without critic.encoder_path and without model.lora")
         if self.critic.encoder_path is not None:
             if self.critic.encoder != "separate":
                 raise ValueError("critic.encoder_path gives the separate encoder's weights: use critic.encoder separate")

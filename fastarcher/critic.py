@@ -37,6 +37,11 @@ class CriticConfig:
     """encoder="separate" from a local Hugging Face folder (its base model, decoder or encoder, as the reference
     used RoBERTa) instead of random init; it reads the policy's token ids, so its vocabulary must be the
     policy tokenizer's (same model family). Sharded by FSDP2 under torchrun like the random-init one."""
+    init: Literal["random", "policy"] = "random"
+    """encoder="separate": its starting weights. random (the reference); policy = a copy of the policy's trunk
+    after the warm start, as PPO's value model and the token baseline start, so the critic begins with the
+    features behaviour cloning learned (then trains apart from the policy). Needs the encoder's shape to equal
+    the trunk's (the built-in policy's and the critic's defaults match)."""
     hidden_size: int = 64
     """Width of the separate encoder (ignored for encoder="policy", which uses the backbone's)."""
     num_layers: int = 2
@@ -54,6 +59,8 @@ class CriticConfig:
     def __post_init__(self):
         if self.encoder not in ("separate", "policy"):
             raise ValueError(f"critic.encoder ({self.encoder!r}) must be 'separate' or 'policy'")
+        if self.init not in ("random", "policy"):
+            raise ValueError(f"critic.init ({self.init!r}) must be 'random' or 'policy'")
         for name in ("hidden_size", "num_layers", "num_heads", "mlp_hidden", "max_positions"):
             value = getattr(self, name)
             if value <= 0:
@@ -224,6 +231,28 @@ class DoubleCritic(nn.Module):
         v2 = self.v2(value_emb).squeeze(-1).float()
         # fresh tensors, not views: FSDP2 warns that in-place ops on a view output would skip its hooks
         return q1.clone(), q2.clone(), v1.clone(), v2.clone()
+
+
+def policy_trunk_state(policy: nn.Module) -> dict[str, Tensor]:
+    """The policy's trunk (its `model` submodule: embeddings, blocks, final norm) as a state dict keyed like a
+    plain `LlamaModel`, for critic.init policy."""
+    trunk = getattr(policy, "model", None)
+    if trunk is None:
+        raise ValueError(f"critic.init policy: cannot find the trunk of {type(policy).__name__} (no .model)")
+    return trunk.state_dict()
+
+
+def check_encoder_matches(encoder: nn.Module, trunk_state: dict[str, Tensor]) -> None:
+    """critic.init policy needs the separate encoder to have the trunk's tensors, name by name and shape by
+    shape; otherwise one error naming the first difference and the flags to set."""
+    own = encoder.state_dict()
+    for name in sorted(set(own) | set(trunk_state)):
+        if name not in own or name not in trunk_state or own[name].shape != trunk_state[name].shape:
+            shapes = tuple(own[name].shape) if name in own else None, \
+                tuple(trunk_state[name].shape) if name in trunk_state else None
+            raise ValueError(f"critic.init policy: the critic encoder's {name!r} is {shapes[0]} and the policy "
+                             f"trunk's is {shapes[1]}: set critic.hidden_size, num_layers, num_heads to the "
+                             f"policy's (critic intermediate size is 4 x hidden) or use critic.init random")
 
 
 def make_target(critic: DoubleCritic) -> DoubleCritic:

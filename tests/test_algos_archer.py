@@ -217,6 +217,58 @@ def test_kl_flag_adds_the_kl_to_the_actor_loss_on_fresh_actions(tmp_path, monkey
 
 
 
+def test_critic_init_policy_starts_both_critic_encoders_from_the_warm_started_trunk(tmp_path, monkeypatch):
+    from dist_helpers import REPO
+    from fastarcher.dist import DistInfo
+    from fastarcher.train import parse_config
+    from fastarcher.trainer import Trainer
+
+    monkeypatch.chdir(REPO)
+    flags = ("--config configs/tiny_cpu.yaml --algo archer --critic.init policy --warm-start.steps 3 "
+             "--warm-start.demos oracle --rollout.num-envs 2 --eval.episodes 2 --log.no-progress "
+             "--archer.batch-size 4 --archer.critic-epochs 2 --archer.actor-epochs 1").split()
+    cfg = parse_config([*flags, "--log.run-dir", str(tmp_path / "run")])
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    algo = trainer.algorithm
+    random_init = {k: v.clone() for k, v in algo.critic.encoder.state_dict().items()}
+    heads = {k: v.clone() for k, v in algo.critic.state_dict().items() if not k.startswith("encoder.")}
+    trainer.warm_start()  # moves the policy: the copy must be of the trunk after it
+    algo.start(resumed=False)
+    trunk = trainer.policy.model.state_dict()
+    assert set(trunk) == set(random_init)
+    for name, value in trunk.items():
+        assert torch.equal(algo.critic.encoder.state_dict()[name], value), name
+        assert torch.equal(algo.target.encoder.state_dict()[name], value), name
+        assert not torch.equal(random_init[name], value) or name.endswith("norm.weight"), name
+    assert all(torch.equal(algo.critic.state_dict()[k], v) for k, v in heads.items())  # heads keep their init
+    trainer.iterate()  # the critic trains its own copy: the policy's trunk is not its parameter
+    assert not torch.equal(algo.critic.encoder.layers[0].mlp.up_proj.weight, trainer.policy.model.layers[0].mlp.up_proj.weight)
+    assert not any(p is q for p in algo.critic.parameters() for q in trainer.policy.parameters())
+    trainer.logger.close()
+
+
+def test_critic_init_policy_refuses_an_encoder_of_another_shape(tmp_path, monkeypatch):
+    from dist_helpers import REPO
+    from fastarcher.dist import DistInfo
+    from fastarcher.train import parse_config
+    from fastarcher.trainer import Trainer
+
+    monkeypatch.chdir(REPO)
+    cfg = parse_config(["--config", "configs/tiny_cpu.yaml", "--critic.init", "policy", "--critic.num-layers", "1",
+                        "--log.no-progress", "--log.run-dir", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=r"critic.init policy: the critic encoder's 'layers.1.*None.*num_layers"):
+        Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+
+
+@pytest.mark.parametrize("flags", [["--critic.encoder", "policy"], ["--model.lora.rank", "4"],
+                                   ["--critic.encoder-path", "."]])
+def test_critic_init_policy_config_refusals(flags):
+    from fastarcher.train import parse_config
+
+    with pytest.raises(ValueError, match="critic.init policy copies the policy's trunk"):
+        parse_config(["--critic.init", "policy", *flags]).validate(world_size=1)
+
+
 def test_warm_start_to_replay_puts_every_demonstration_turn_in_the_buffer(tmp_path, monkeypatch):
     from dist_helpers import REPO
     from fastarcher.dist import DistInfo

@@ -31,7 +31,7 @@ from fastarcher.algos.base import AlgorithmBase
 from fastarcher.algos.kl_control import KLControl
 from fastarcher.algos.on_policy import PolicyTokens
 from fastarcher.checkpoint import ModelState, OptimizerState
-from fastarcher.critic import DoubleCritic, make_target, soft_update
+from fastarcher.critic import DoubleCritic, check_encoder_matches, make_target, policy_trunk_state, soft_update
 from fastarcher.parallel import parallelize
 from fastarcher.replay import ReplayBuffer
 from fastarcher.value_model import TokenValueModel
@@ -231,6 +231,8 @@ class Archer(AlgorithmBase):
         actor, device = ctx.actor, ctx.actor.device
         backbone = actor.policy if cfg.critic.encoder == "policy" else None  # its trunk, through the root (FSDP2)
         critic = DoubleCritic(cfg.critic, vocab_size=ctx.vocab_size, pad_id=actor.pad_id, backbone=backbone)
+        if cfg.critic.init == "policy":  # refused before any work when the shapes differ; copied in start()
+            check_encoder_matches(critic.encoder, policy_trunk_state(actor.policy))
         # an unsharded copy that acts during rollouts (CHAI): a sharded forward is a collective, and ranks play
         # different numbers of turns
         self.local_critic = copy.deepcopy(critic).to(device) if self.acts_with_critic and ctx.mesh is not None else None
@@ -273,6 +275,10 @@ class Archer(AlgorithmBase):
 
     def start(self, resumed: bool) -> None:
         self.kl.start(resumed)
+        if self.ctx.cfg.critic.init == "policy" and not resumed:  # after the warm start: its features
+            trunk = policy_trunk_state(self.ctx.actor.policy)
+            self.critic.encoder.load_state_dict(trunk)
+            self.target.encoder.load_state_dict(trunk)
         if self.baseline is not None and not resumed:
             self.baseline.copy_trunk_from(self.ctx.actor.policy)
 
