@@ -266,7 +266,10 @@ def _main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    from fastarcher.dist import exit_with_launcher
+    from fastarcher.dist import exit_now, exit_with_launcher
 
     exit_with_launcher()  # a timed-out test kills torchrun; its workers must not live on
     _main(sys.argv[1])
+    # done and flushed: skip the interpreter teardown, which sometimes aborts a finished torchrun worker
+    # ("terminate called without an active exception"; fastarcher/train.py does the same)
+    exit_now(0)

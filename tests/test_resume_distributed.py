@@ -191,7 +191,10 @@ def test_two_node_launch_on_localhost_saves_and_resumes(tmp_path):
 
 
 if __name__ == "__main__":
-    from fastarcher.dist import exit_with_launcher
+    from fastarcher.dist import exit_now, exit_with_launcher
 
     exit_with_launcher()  # a timed-out test kills torchrun; its workers must not live on
     _worker(sys.argv[1])
+    # done and flushed: skip the interpreter teardown, which sometimes aborts a finished torchrun worker
+    # ("terminate called without an active exception"; fastarcher/train.py does the same)
+    exit_now(0)
