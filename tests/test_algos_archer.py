@@ -167,18 +167,23 @@ def test_archer_losses_gradcheck_float64():
         (tv,))
 
 
-def test_token_baseline_flag_trains_a_token_value_model_started_from_the_policy(tmp_path, monkeypatch):
-    from dist_helpers import REPO
+def _cpu_trainer(argv: list[str]):
+    """A one-process CPU Trainer built from train flags (run from the repository root: presets are relative)."""
     from fastarcher.dist import DistInfo
     from fastarcher.train import parse_config
     from fastarcher.trainer import Trainer
+
+    return Trainer(parse_config(argv), DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+
+
+def test_token_baseline_flag_trains_a_token_value_model_started_from_the_policy(tmp_path, monkeypatch):
+    from dist_helpers import REPO
 
     monkeypatch.chdir(REPO)
     flags = ("--config configs/tiny_cpu.yaml --algo archer --archer.token-baseline --archer.warmup-iterations 0 "
              "--rollout.num-envs 4 --eval.episodes 2 --log.no-progress --model.num-layers 1 --critic.num-layers 1 "
              "--archer.batch-size 4 --archer.critic-epochs 1 --archer.actor-epochs 2").split()
-    cfg = parse_config([*flags, "--log.run-dir", str(tmp_path / "run")])
-    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    trainer = _cpu_trainer([*flags, "--log.run-dir", str(tmp_path / "run")])
     algo = trainer.algorithm
     assert {"token_baseline", "token_baseline_opt"} <= set(algo.parts())
     algo.start(resumed=False)
@@ -193,17 +198,13 @@ def test_token_baseline_flag_trains_a_token_value_model_started_from_the_policy(
 
 def test_kl_flag_adds_the_kl_to_the_actor_loss_on_fresh_actions(tmp_path, monkeypatch):
     from dist_helpers import REPO
-    from fastarcher.dist import DistInfo
-    from fastarcher.train import parse_config
-    from fastarcher.trainer import Trainer
 
     monkeypatch.chdir(REPO)
     flags = ("--config configs/tiny_cpu.yaml --algo archer --kl.coef 0.5 --kl.estimator mse --archer.warmup-iterations 0 "
              "--rollout.num-envs 4 --eval.episodes 2 --log.no-progress --model.num-layers 1 --critic.num-layers 1 "
              "--archer.batch-size 4 --archer.critic-epochs 1 --archer.actor-epochs 3 --optim.actor-lr 1e-2 "
              "--optim.actor-grad-clip 1.0").split()
-    cfg = parse_config([*flags, "--log.run-dir", str(tmp_path / "run")])
-    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    trainer = _cpu_trainer([*flags, "--log.run-dir", str(tmp_path / "run")])
     algo = trainer.algorithm
     assert {"reference", "kl_controller"} <= set(algo.parts())
     algo.start(resumed=False)
@@ -219,16 +220,12 @@ def test_kl_flag_adds_the_kl_to_the_actor_loss_on_fresh_actions(tmp_path, monkey
 
 def test_critic_init_policy_starts_both_critic_encoders_from_the_warm_started_trunk(tmp_path, monkeypatch):
     from dist_helpers import REPO
-    from fastarcher.dist import DistInfo
-    from fastarcher.train import parse_config
-    from fastarcher.trainer import Trainer
 
     monkeypatch.chdir(REPO)
     flags = ("--config configs/tiny_cpu.yaml --algo archer --critic.init policy --warm-start.steps 3 "
              "--warm-start.demos oracle --rollout.num-envs 2 --eval.episodes 2 --log.no-progress "
              "--archer.batch-size 4 --archer.critic-epochs 2 --archer.actor-epochs 1").split()
-    cfg = parse_config([*flags, "--log.run-dir", str(tmp_path / "run")])
-    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    trainer = _cpu_trainer([*flags, "--log.run-dir", str(tmp_path / "run")])
     algo = trainer.algorithm
     random_init = {k: v.clone() for k, v in algo.critic.encoder.state_dict().items()}
     heads = {k: v.clone() for k, v in algo.critic.state_dict().items() if not k.startswith("encoder.")}
@@ -249,15 +246,12 @@ def test_critic_init_policy_starts_both_critic_encoders_from_the_warm_started_tr
 
 def test_critic_init_policy_refuses_an_encoder_of_another_shape(tmp_path, monkeypatch):
     from dist_helpers import REPO
-    from fastarcher.dist import DistInfo
-    from fastarcher.train import parse_config
-    from fastarcher.trainer import Trainer
 
     monkeypatch.chdir(REPO)
-    cfg = parse_config(["--config", "configs/tiny_cpu.yaml", "--critic.init", "policy", "--critic.num-layers", "1",
-                        "--log.no-progress", "--log.run-dir", str(tmp_path / "run")])
+    argv = ["--config", "configs/tiny_cpu.yaml", "--critic.init", "policy", "--critic.num-layers", "1",
+            "--log.no-progress", "--log.run-dir", str(tmp_path / "run")]
     with pytest.raises(ValueError, match=r"critic.init policy: the critic encoder's 'layers.1.*None.*num_layers"):
-        Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+        _cpu_trainer(argv)
 
 
 @pytest.mark.parametrize("flags", [["--critic.encoder", "policy"], ["--model.lora.rank", "4"],
@@ -271,18 +265,14 @@ def test_critic_init_policy_config_refusals(flags):
 
 def test_warm_start_to_replay_puts_every_demonstration_turn_in_the_buffer(tmp_path, monkeypatch):
     from dist_helpers import REPO
-    from fastarcher.dist import DistInfo
-    from fastarcher.train import parse_config
-    from fastarcher.trainer import Trainer
 
     monkeypatch.chdir(REPO)
     flags = ("--config configs/tiny_cpu.yaml --algo archer --warm-start.steps 1 --warm-start.demos oracle "
              "--warm-start.episodes 5 --rollout.num-envs 2 --eval.episodes 2 --log.no-progress --model.num-layers 1 "
              "--critic.num-layers 1 --archer.batch-size 4 --archer.critic-epochs 1").split()
     for to_replay in (False, True):
-        cfg = parse_config([*flags, *(["--warm-start.to-replay"] if to_replay else []),
-                            "--log.run-dir", str(tmp_path / f"run{to_replay}")])
-        trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+        trainer = _cpu_trainer([*flags, *(["--warm-start.to-replay"] if to_replay else []),
+                                "--log.run-dir", str(tmp_path / f"run{to_replay}")])
         buffer = trainer.algorithm.buffer
         trainer.warm_start()
         if not to_replay:
