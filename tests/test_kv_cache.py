@@ -177,3 +177,27 @@ def test_plain_layers_accepts_the_engine_cache_and_refuses_a_sliding_one(model):
     assert not _plain_layers(DynamicCache())
     cache.layers[0].__class__ = DynamicSlidingWindowLayer
     assert not _plain_layers(cache)
+
+
+def test_a_batch_that_continues_whole_uses_its_cache_without_a_copy(model, monkeypatch):
+    """Every turn after the first, all rows continue the previous call's batch: that call's cache object
+    is fed again (no gather, no copy). After episodes leave, the rest are selected by row."""
+    import fastarcher.rollout.hf_engine as hf_engine
+
+    seen = []
+    real = hf_engine._prefix_cache
+
+    def spy(prefixes, device):
+        cache, mask = real(prefixes, device)
+        block = hf_engine._shared_block(prefixes)
+        seen.append("same" if block is not None and cache is block.cache else "copy")
+        return cache, mask
+
+    monkeypatch.setattr(hf_engine, "_prefix_cache", spy)
+    params = SamplingParams(temperature=1.0, max_new_tokens=3, stop_token_id=-1)
+    plain, _ = run_dialogues(engine_of(model), params, cached=False, turns=5, leave_after=3)
+    cached, _ = run_dialogues(engine_of(model), params, cached=True, turns=5, leave_after=3)
+    assert_same(plain, cached)
+    # Turns 1 and 2 continue the whole batch; at turn 3 two episodes have left and the other three are
+    # selected by row; turn 4 continues that batch.
+    assert seen == ["same", "same", "copy", "same"]

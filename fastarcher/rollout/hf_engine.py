@@ -8,7 +8,9 @@ token. The engine owns an unsharded copy of the policy that the trainer refreshe
 Multi-turn rollouts open a `DialogueCache`: each episode keeps the keys/values of the tokens it has
 already fed, and the next turn feeds only what its dialogue gained since (the last action's stop
 token and the observation) instead of re-prefilling the whole dialogue. A row whose prompt no longer
-extends its cached tokens (a context window that slid) is prefilled from scratch.
+extends its cached tokens (a context window that slid) is prefilled from scratch. Rows point into the
+batch cache their last call left (`KVBlock`); when a turn continues that whole batch, the cache is fed
+again as is, so a turn copies nothing beyond transformers' own append.
 """
 
 from __future__ import annotations
@@ -41,27 +43,90 @@ def _cache_of(result):
 
 
 @dataclass
+class KVBlock:
+    """The batch cache one engine call left behind: a transformers cache of plain layers, (B, H, W, D)
+    each, and the (B, W) mask of the columns that hold real tokens."""
+
+    cache: object
+    mask: Tensor
+
+
+@dataclass
 class RowCache:
-    """One episode's cached prefix: its token ids and the keys/values of every layer, (L, 2, H, T, D)."""
+    """One episode's cached prefix: its token ids, whose keys/values are row `row` of `block`."""
 
     tokens: list[int]
-    kv: Tensor
+    block: KVBlock
+    row: int
 
 
-def _batch_cache(rows: list[RowCache | None], device: torch.device):
-    """Right-align every row's keys/values in one batch cache → (DynamicCache, (B, W) mask)."""
+def _shared_block(prefixes: list[RowCache | None] | None) -> KVBlock | None:
+    """The block every row's prefix lives in, when there is exactly one (None otherwise)."""
+    if not prefixes or not all(prefixes):
+        return None
+    block = prefixes[0].block
+    return block if all(p.block is block for p in prefixes) else None
+
+
+def _packed_rows(block: KVBlock, rows: list[int]) -> tuple[list[tuple[Tensor, Tensor]], list[int]]:
+    """Rows of a block with their real columns packed to the right: per layer (n, H, W', D) keys and
+    values, W' the most real columns of any of them (one gather per tensor), and each row's count."""
+    index = torch.tensor(rows, device=block.mask.device)
+    real = block.mask.index_select(0, index).bool()
+    width = real.shape[1]
+    counts = real.sum(1).tolist()
+    packed_width = max(counts)
+    # Sort key: padding first, then real columns in order; the last `count` columns are the row's.
+    key = real * (width + torch.arange(width, device=real.device))
+    cols = key.argsort(dim=1, stable=True)[:, width - packed_width :]  # (n, W')
+    out = []
+    for layer in block.cache.layers:
+        gather = cols[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        out.append((layer.keys.index_select(0, index).gather(2, gather),
+                    layer.values.index_select(0, index).gather(2, gather)))
+    return out, counts
+
+
+def _prefix_cache(prefixes: list[RowCache | None], device: torch.device):
+    """Every row's cached prefix in one batch cache, right-aligned → (cache, (B, W) mask), rows in the
+    order given (None: nothing cached, all columns masked).
+
+    When the rows are exactly one earlier call's batch, in its order, that call's cache is returned as
+    is (no copy: the usual multi-turn case); a subset of one block is selected by row (episodes ended);
+    anything else packs each row's real columns into a fresh buffer."""
     from transformers import DynamicCache
 
-    width = max(len(r.tokens) if r else 0 for r in rows)
-    template = next(r for r in rows if r).kv
-    num_layers, _, heads, _, dim = template.shape
-    buf = template.new_zeros(len(rows), num_layers, 2, heads, width, dim)
-    mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    for b, row in enumerate(rows):
-        if row:
-            buf[b, :, :, :, width - len(row.tokens) :] = row.kv
-            mask[b, width - len(row.tokens) :] = 1
-    return DynamicCache(ddp_cache_data=[(buf[:, i, 0], buf[:, i, 1]) for i in range(num_layers)]), mask
+    block = _shared_block(prefixes)
+    if block is not None:
+        rows = [p.row for p in prefixes]
+        if rows == list(range(block.mask.shape[0])):
+            return block.cache, block.mask
+        index = torch.tensor(rows, device=block.mask.device)
+        mask = block.mask.index_select(0, index)
+        used = mask.any(0).nonzero()
+        first = int(used[0]) if len(used) else 0  # columns only dropped rows used are cut off
+        layers = [(layer.keys.index_select(0, index)[:, :, first:], layer.values.index_select(0, index)[:, :, first:])
+                  for layer in block.cache.layers]
+        return DynamicCache(ddp_cache_data=layers), mask[:, first:]
+    width = max(len(p.tokens) if p else 0 for p in prefixes)
+    template = next(p for p in prefixes if p).block.cache.layers
+    bufs = [(t.keys.new_zeros(len(prefixes), t.keys.shape[1], width, t.keys.shape[3]),
+             t.values.new_zeros(len(prefixes), t.values.shape[1], width, t.values.shape[3])) for t in template]
+    mask = torch.zeros(len(prefixes), width, dtype=torch.long, device=device)
+    groups: dict[int, list[int]] = {}  # id(block) → batch rows whose prefix lives there
+    for b, p in enumerate(prefixes):
+        if p:
+            groups.setdefault(id(p.block), []).append(b)
+    for dest in groups.values():
+        packed, counts = _packed_rows(prefixes[dest[0]].block, [prefixes[b].row for b in dest])
+        index = torch.tensor(dest, device=device)
+        span = packed[0][0].shape[2]
+        for (keys, values), (pk, pv) in zip(bufs, packed):
+            keys[index, :, width - span :] = pk
+            values[index, :, width - span :] = pv
+        for b, n in zip(dest, counts):
+            mask[b, width - n :] = 1  # a shorter row's packed columns left of its own stay masked
+    return DynamicCache(ddp_cache_data=bufs), mask
 
 
 def _plain_layers(cache) -> bool:
@@ -72,35 +137,7 @@ def _plain_layers(cache) -> bool:
     if not layers or any(type(layer) is not DynamicLayer for layer in layers):
         return False
     shapes = {(tuple(layer.keys.shape[1:]), tuple(layer.values.shape[1:])) for layer in layers}
-    return len(shapes) == 1  # rows are stored with every layer stacked
-
-
-def _split_cache(cache, mask: Tensor, fed: list[list[int] | None]) -> list[RowCache | None]:
-    """The batch cache's real columns (mask 1) per row, paired with the tokens they hold (None: skip).
-
-    One gather per layer packs every row's real columns to the right of a (B, L, 2, H, W', D) tensor,
-    W' the longest row; each row keeps a view of its own part."""
-    batch, width = mask.shape
-    real = mask.bool()
-    counts = real.sum(1).tolist()
-    packed_width = max(counts)
-    # Sort key: padding first, then real columns in order; the last `count` columns are the row's.
-    key = real * (width + torch.arange(width, device=mask.device))
-    cols = key.argsort(dim=1, stable=True)[:, width - packed_width :]  # (B, W')
-    layers = []
-    for layer in cache.layers:
-        index = cols[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-        layers.append(torch.stack([layer.keys.gather(2, index), layer.values.gather(2, index)], dim=1))
-    packed = torch.stack(layers, dim=1)  # (B, L, 2, H, W', D)
-    out = []
-    for b, tokens in enumerate(fed):
-        if tokens is None:
-            out.append(None)
-            continue
-        if counts[b] != len(tokens):
-            raise RuntimeError(f"KV cache row {b} holds {counts[b]} positions for {len(tokens)} tokens")
-        out.append(RowCache(tokens, packed[b, :, :, :, packed_width - counts[b] :]))
-    return out
+    return len(shapes) == 1  # rows are gathered from every layer alike
 
 
 class HFEngine:
@@ -137,13 +174,22 @@ class HFEngine:
         out = GenerationOutput(token_ids=[[] for _ in prompts], logprobs=[[] for _ in prompts],
                                policy_version=self.version)
         caches: list[RowCache | None] = [None] * len(prompts)
+        # Rows run sorted by length in chunks of max_batch (little padding), and multinomial draws go to
+        # rows in that order. When every row continues one earlier batch, the rows keep that batch's order
+        # instead (its cache is used without a copy) and draw in the sorted order: the same tokens.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        for start in range(0, len(order), self.max_batch):
-            chunk = order[start : start + self.max_batch]
+        if len(prompts) <= self.max_batch and _shared_block(prefixes) is not None:
+            chunk = sorted(range(len(prompts)), key=lambda i: prefixes[i].row)
+            position = {i: r for r, i in enumerate(chunk)}
+            chunks = [(chunk, [position[i] for i in order])]
+        else:
+            chunks = [(order[s : s + self.max_batch], None) for s in range(0, len(order), self.max_batch)]
+        for chunk, draw_order in chunks:
             tokens, logprobs, calls, rows = self._generate_chunk(
                 [prompts[i] for i in chunk], params, generator,
                 None if prefixes is None else [prefixes[i] for i in chunk],
                 None if store is None else [store[i] for i in chunk],
+                draw_order,
             )
             for row, i in enumerate(chunk):
                 out.token_ids[i] = tokens[row]
@@ -153,10 +199,12 @@ class HFEngine:
             out.num_calls += calls
         return out, caches
 
-    def _generate_chunk(self, prompts, params: SamplingParams, generator, prefixes, store):
+    def _generate_chunk(self, prompts, params: SamplingParams, generator, prefixes, store,
+                        draw_order: list[int] | None = None):
         """prefixes None: plain generation. A list (one entry per prompt, None for no cached prefix):
         feed only what each prompt adds to its prefix; return the cache after the turn of each row whose
-        `store` is true (None for the others)."""
+        `store` is true (None for the others). draw_order: the rows in the order sampling draws for them
+        (None: as they are)."""
         batch = len(prompts)
         cached = [len(p.tokens) if p else 0 for p in prefixes] if prefixes is not None else [0] * batch
         new = [p[n:] for p, n in zip(prompts, cached)]
@@ -171,7 +219,7 @@ class HFEngine:
         ids, new_mask = ids.to(self.device), new_mask.to(self.device)
         positions = (new_mask.cumsum(-1) - 1).clamp(min=0)
         if any(cached):
-            cache, mask = _batch_cache(prefixes, self.device)
+            cache, mask = _prefix_cache(prefixes, self.device)
             mask = torch.cat([mask, new_mask], dim=1)
             positions = positions + torch.tensor(cached, device=self.device)[:, None]
             extra = {self._cache_arg: cache}
@@ -197,7 +245,7 @@ class HFEngine:
             else:
                 logits = top_p_filter(logits / params.temperature, params.top_p)
                 logp = logits.log_softmax(-1)
-                next_tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+                next_tok = self._draw(logp.exp(), generator, draw_order)
             chosen_logp = logp.gather(-1, next_tok[:, None]).squeeze(-1)
             live = ~finished
             next_tok = next_tok.masked_fill(finished, self.pad_id)
@@ -229,9 +277,26 @@ class HFEngine:
             calls += 1
         rows = None
         if store is not None and any(store) and _plain_layers(cache):
-            rows = _split_cache(cache, mask, [p + t[:n] if keep else None
-                                              for p, t, n, keep in zip(prompts, tokens, fed, store)])
+            block = KVBlock(cache, mask)
+            counts = mask.sum(1).tolist()
+            rows = []
+            for b, (p, t, n, keep) in enumerate(zip(prompts, tokens, fed, store)):
+                if not keep:
+                    rows.append(None)
+                    continue
+                if counts[b] != len(p) + n:
+                    raise RuntimeError(f"KV cache row {b} holds {counts[b]} positions for {len(p) + n} tokens")
+                rows.append(RowCache(p + t[:n], block, b))
         return tokens, logprobs, calls, rows
+
+    @staticmethod
+    def _draw(probs: Tensor, generator, draw_order: list[int] | None) -> Tensor:
+        """One multinomial draw per row of (B, V) probs, the generator's numbers going to rows in draw_order."""
+        if draw_order is None or draw_order == list(range(len(draw_order))):
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        perm = torch.tensor(draw_order, device=probs.device)
+        drawn = torch.multinomial(probs.index_select(0, perm), 1, generator=generator).squeeze(-1)
+        return torch.empty_like(drawn).index_copy_(0, perm, drawn)
 
     @staticmethod
     def _only_stop_left(tokens: list[list[int]], finished: Tensor, params: SamplingParams) -> bool:
