@@ -29,11 +29,15 @@ class Actor:
         self.pad_id, self.stop_id, self.constraint, self.device = pad_id, stop_id, constraint, device
         self.traces = traces
         self.fused_head = fused_head
+        # A group's episodes start from one prompt: score each distinct state once (not while traces
+        # hook the model's layers: they expect one forward per micro-batch).
+        self.share_states = rollout_cfg.group_size > 1 and traces is None
 
     def sampling_params(self, greedy: bool = False) -> SamplingParams:
         r = self.rollout_cfg
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                              greedy=greedy, stop_token_id=self.stop_id, constraint=self.constraint)
+                              greedy=greedy, stop_token_id=self.stop_id, constraint=self.constraint,
+                              share_prompts=r.group_size > 1)
 
     def sample_actions(self, states: TransitionBatch, generator, engine=None) -> tuple[Tensor, Tensor, Tensor, int]:
         """a′ ~ π(·|s) for every state of the batch, in as few engine calls as max_batch allows:
@@ -55,7 +59,7 @@ class Actor:
         """Σ log π over the sampled tokens of each utterance (B,) and their entropy Σ_h H_h (B,)."""
         logprob_sum, token_entropy, action_mask = action_logprobs(
             self.policy, state_ids, state_len, action_ids, action_len, pad_id=self.pad_id, constraint=self.constraint,
-            sampled_len=sampled_len, fused_head=self.fused_head)
+            sampled_len=sampled_len, fused_head=self.fused_head, share_states=self.share_states)
         if trace is not None:  # a traced actor micro-batch: the entropy trace wants every token's entropy
             trace.set_token_entropy(token_entropy)
         # Utterance entropy: the sum of the per-token conditional entropies along the utterance (a
@@ -69,7 +73,8 @@ class Actor:
         log_distribution, the whole log π(·|s, a_<h) (B, A, V); log π is 0 off the scored tokens."""
         return action_logprobs(self.policy, state_ids, state_len, action_ids, action_len, pad_id=self.pad_id,
                                constraint=self.constraint, per_token=True, sampled_len=sampled_len,
-                               log_distribution=log_distribution, fused_head=self.fused_head)
+                               log_distribution=log_distribution, fused_head=self.fused_head,
+                               share_states=self.share_states)
 
     def sync_engine(self) -> float:
         """Copy the policy's weights into the rollout engine; returns the seconds it took."""

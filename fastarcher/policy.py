@@ -17,7 +17,9 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
+from fastarcher.kv_cache import cache_arg, cache_of, plain_layers, repeated_rows, select_rows
 from fastarcher.logprobs import linear_token_logprobs_and_entropy, token_logprobs_and_entropy
 from fastarcher.rollout.base import ActionConstraint
 
@@ -64,6 +66,27 @@ def _scoring_head(policy: nn.Module, head: nn.Linear, targets: Tensor, backend: 
         policy.lm_head = head
 
 
+def shared_prefix(policy: nn.Module, state: Tensor, state_len: Tensor, state_mask: Tensor, position_ids: Tensor):
+    """Keys/values of every row's state but its last token, each distinct state computed once and repeated
+    for its rows (differentiable), or None when fewer than half the rows repeat a state, a state has a
+    single token, the policy is FSDP2-sharded, or the model's cache is not plain (sliding window, quantised, or none while activation
+    checkpointing is on). `state` left-padded (B, S)."""
+    if state.shape[1] < 2 or int(state_len.min()) < 2:
+        return None
+    if isinstance(next(policy.parameters()), DTensor):
+        return None  # FSDP2 frees the gathered weights after each root forward: two before one backward fail
+    first, inverse = repeated_rows(state.masked_fill(~state_mask, -1).tolist())
+    if 2 * len(first) > len(inverse):
+        return None
+    pick = torch.tensor(first, device=state.device)
+    out = policy(input_ids=state[pick, :-1], attention_mask=state_mask[pick, :-1].long(),
+                 position_ids=position_ids[pick, : state.shape[1] - 1], logits_to_keep=1, use_cache=True)
+    cache = cache_of(out)
+    if cache is None or not plain_layers(cache):
+        return None
+    return select_rows(cache, torch.tensor(inverse, device=state.device))
+
+
 def action_logprobs(
     policy: nn.Module,
     state_ids: Tensor,  # (B, S) right-padded
@@ -78,6 +101,7 @@ def action_logprobs(
     sampled_len: Tensor | None = None,  # (B,)
     log_distribution: bool = False,
     fused_head: bool = True,
+    share_states: bool = False,
 ) -> tuple[Tensor, ...]:
     """Returns (logprob_sum (B,), token_entropy (B, A), action_mask (B, A)); entropy is 0 on padding.
     With per_token=True the first value is the per-token log π (B, A) instead of its sum (0 on padding).
@@ -86,7 +110,10 @@ def action_logprobs(
     Only those are scored (and in the returned mask): a stop token appended to close an utterance cut at
     max_new_tokens was never drawn from π, so its log-prob is no part of the action's likelihood.
     log_distribution=True adds a fourth value: the whole log π(·|s, a_<h) (B, A, V), constrained like the
-    sampling (−inf off the allowed set), for the exact KL. fused_head=False always materialises the logits."""
+    sampling (−inf off the allowed set), for the exact KL. fused_head=False always materialises the logits.
+    share_states: when at least half the rows repeat a state (a group's episodes from one prompt), each
+    distinct state but its last token runs once and the rows continue from its keys/values (`shared_prefix`);
+    the same values and gradients as the whole forward."""
     batch, width_a = action_ids.shape
     state = left_align(state_ids, state_len, pad_id)
     ids = torch.cat([state, action_ids], dim=1)  # (B, S + A)
@@ -100,9 +127,15 @@ def action_logprobs(
     head = fusable_head(policy) if fused_head and constraint is None and not log_distribution else None
     # position S-1+h predicts action token h; the last kept position predicts nothing
     shifted = None if head is None else torch.cat([targets, targets.new_full((batch, 1), -100)], dim=1)  # (B, A + 1)
+    prefix = shared_prefix(policy, state, state_len, state_mask, position_ids) if share_states else None
     with nullcontext() if head is None else _scoring_head(policy, head, shifted, backend):
-        out = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids, logits_to_keep=width_a + 1,
-                     use_cache=False)
+        if prefix is None:
+            out = policy(input_ids=ids, attention_mask=attention, position_ids=position_ids,
+                         logits_to_keep=width_a + 1, use_cache=False)
+        else:  # the last state token and the action, after the shared keys/values
+            tail = state.shape[1] - 1
+            out = policy(input_ids=ids[:, tail:], attention_mask=attention, position_ids=position_ids[:, tail:],
+                         logits_to_keep=width_a + 1, use_cache=True, **{cache_arg(policy): prefix})
     if head is not None:
         logp, entropy = out.logits[:, :-1].unbind(-1)  # (B, A) each, from the ScoringHead
     else:

@@ -250,6 +250,41 @@ def _metrics_check(rank: int, world_size: int) -> dict:
     return {"reduced": reduce_metrics(local, world_size)}
 
 
+def _shared_states_check(rank: int, world_size: int) -> dict:
+    """Repeated states on an FSDP2-sharded policy: shared-prefix scoring would run two root forwards before
+    one backward, which FSDP2 does not support; asking for it must take the whole forward, same values."""
+    from torch.distributed.tensor import DTensor
+
+    from fastarcher.model import transformer_blocks
+    from fastarcher.parallel import data_parallel_mesh, parallelize
+    from fastarcher.policy import action_logprobs, left_align, shared_prefix
+
+    mesh = data_parallel_mesh(torch.device("cpu"), world_size)
+    data = torch.Generator().manual_seed(3000 + rank)
+    state_ids = torch.randint(3, 200, (2, 6), generator=data).repeat_interleave(3, 0)
+    state_len = torch.tensor([6, 4]).repeat_interleave(3)
+    action_ids, action_len = torch.randint(3, 200, (6, 4), generator=data), torch.tensor([4, 1, 3, 2, 4, 1])
+    out = {}
+    for share in (False, True):
+        policy, tokenizer = tiny_policy(torch.float64, seed=0, init_std=0.3)
+        parallelize(policy, transformer_blocks(policy), mesh)
+        logp, entropy, _ = action_logprobs(policy, state_ids, state_len, action_ids, action_len,
+                                           pad_id=tokenizer.pad_token_id, share_states=share)
+        (logp.sum() + 0.1 * entropy.sum()).backward()
+        grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in policy.named_parameters()}
+        out[share] = (logp.detach(), grads)
+    state = left_align(state_ids, state_len, tokenizer.pad_token_id)
+    mask = torch.arange(6)[None, :] >= (6 - state_len)[:, None]
+    refused = shared_prefix(policy, state, state_len, mask, (mask.long().cumsum(-1) - 1).clamp(min=0)) is None
+    (w_logp, w_grads), (s_logp, s_grads) = out[False], out[True]
+    return {
+        "refused": refused,
+        "logp_max_diff": float((w_logp - s_logp).abs().max()),
+        "grad_max_diff": max(float((w_grads[n] - s_grads[n]).abs().max()) for n in w_grads),
+        "grad_min_norm": min(float(w_grads[n].norm()) for n in w_grads),
+    }
+
+
 def _main(out_dir: str) -> None:
     from fastarcher.dist import init_distributed, shutdown_distributed
 
@@ -259,6 +294,7 @@ def _main(out_dir: str) -> None:
         result = {"world_size": info.world_size, "weight_sync": _weight_sync_check(info.rank, info.world_size),
                   "metrics": _metrics_check(info.rank, info.world_size),
                   "fused_head": _fused_head_check(info.rank, info.world_size),
+                  "shared_states": _shared_states_check(info.rank, info.world_size),
                   "precision": _precision_check(info.rank, info.world_size)}
         Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
     finally:

@@ -156,7 +156,7 @@ def test_a_cache_that_does_not_keep_every_position_is_not_reused(model, monkeypa
     prefilled again, and the results stay those of the plain engine."""
     import fastarcher.rollout.hf_engine as hf_engine
 
-    monkeypatch.setattr(hf_engine, "_plain_layers", lambda cache: False)
+    monkeypatch.setattr(hf_engine, "plain_layers", lambda cache: False)
     params = SamplingParams(greedy=True, max_new_tokens=3, stop_token_id=-1)
     plain, _ = run_dialogues(engine_of(model), params, cached=False)
     engine = engine_of(model)
@@ -169,14 +169,14 @@ def test_plain_layers_accepts_the_engine_cache_and_refuses_a_sliding_one(model):
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
-    from fastarcher.rollout.hf_engine import _plain_layers
+    from fastarcher.kv_cache import plain_layers
 
     with torch.no_grad():
         cache = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values
-    assert _plain_layers(cache)
-    assert not _plain_layers(DynamicCache())
+    assert plain_layers(cache)
+    assert not plain_layers(DynamicCache())
     cache.layers[0].__class__ = DynamicSlidingWindowLayer
-    assert not _plain_layers(cache)
+    assert not plain_layers(cache)
 
 
 def test_a_batch_that_continues_whole_uses_its_cache_without_a_copy(model, monkeypatch):
@@ -201,3 +201,32 @@ def test_a_batch_that_continues_whole_uses_its_cache_without_a_copy(model, monke
     # Turns 1 and 2 continue the whole batch; at turn 3 two episodes have left and the other three are
     # selected by row; turn 4 continues that batch.
     assert seen == ["same", "same", "copy", "same"]
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_repeated_prompts_are_prefilled_once_with_the_same_results(model, greedy):
+    """share_prompts (group rollouts): each distinct prompt is prefilled once and its rows continue from
+    its keys/values; tokens and log-probs equal the plain prefill's, under greedy and one sampling seed."""
+    prompts = [PROMPTS[g] for g in (0, 2, 4) for _ in range(4)] + [PROMPTS[1]]
+    engine = engine_of(model)
+    prefill_rows = []
+
+    def record(module, args, kwargs):
+        prefill_rows.append(kwargs["input_ids"].shape)
+
+    handle = engine.model.register_forward_pre_hook(record, with_kwargs=True)
+    out = {}
+    try:
+        for share in (False, True):
+            prefill_rows.clear()
+            params = SamplingParams(greedy=greedy, temperature=1.2, max_new_tokens=4, stop_token_id=-1,
+                                    share_prompts=share)
+            out[share] = (engine.generate(prompts, params, torch.Generator().manual_seed(11)), list(prefill_rows))
+    finally:
+        handle.remove()
+    (plain, plain_calls), (shared, shared_calls) = out[False], out[True]
+    assert shared.token_ids == plain.token_ids
+    for x, y in zip(shared.logprobs, plain.logprobs):
+        assert x == pytest.approx(y, abs=1e-9)
+    assert plain_calls[0][0] == 13 and shared_calls[0][0] == 4  # 4 distinct prompts prefilled, not 13
+    assert [s[0] for s in shared_calls[1:]] == [13] * 3  # then every row decodes

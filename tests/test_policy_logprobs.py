@@ -186,3 +186,83 @@ def test_fused_head_on_an_fsdp2_sharded_policy_equals_the_logits_path():
         assert check["fused_calls"] == 1 and check["head_type_after"] == "Linear"
         assert check["logp_max_diff"] < 1e-10 and check["entropy_max_diff"] < 1e-10
         assert check["grad_min_norm"] > 0 and check["grad_max_diff"] < 1e-10
+
+
+def grouped_batch():
+    """Four states, each repeated by a group of three rows with different actions (a group rollout);
+    right padding holds garbage that must not matter."""
+    states = [STATES[0], STATES[1], STATES[3], [7, 8]]
+    g = torch.Generator().manual_seed(5)
+    rows_s, rows_a = [], []
+    for s in states:
+        for _ in range(3):
+            n = int(torch.randint(1, 5, (1,), generator=g))
+            rows_s.append(s)
+            rows_a.append(torch.randint(3, 200, (n,), generator=g).tolist())
+    state_ids, state_len = right_pad(rows_s, 9, garbage=77)
+    action_ids, action_len = right_pad(rows_a, 5, garbage=88)
+    return state_ids, state_len, action_ids, action_len
+
+
+def spy_shared(monkeypatch):
+    import fastarcher.policy as policy_module
+
+    used, real = [], policy_module.shared_prefix
+
+    def spy(*args, **kwargs):
+        prefix = real(*args, **kwargs)
+        used.append(prefix is not None)
+        return prefix
+
+    monkeypatch.setattr(policy_module, "shared_prefix", spy)
+    return used
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("constrained", [False, True])
+def test_shared_states_give_the_whole_forwards_values_and_gradients(model, monkeypatch, fused, constrained):
+    """Each distinct state runs once and its rows continue from its keys/values. Values match to float64
+    rounding; gradients to ~1e-6 relative, because Llama's RMSNorm computes in float32 and summing the
+    rows' gradients before the shared prefix's backward (instead of after) rounds differently there."""
+    used = spy_shared(monkeypatch)
+    state_ids, state_len, action_ids, action_len = grouped_batch()
+    constraint = None
+    if constrained:
+        constraint = ActionConstraint([a[: int(n)].tolist() for a, n in zip(action_ids, action_len)],
+                                      vocab_size=model.config.vocab_size)
+    out = {}
+    for share in (False, True):
+        model.zero_grad()
+        logp, entropy, mask = action_logprobs(model, state_ids, state_len, action_ids, action_len, pad_id=PAD,
+                                              constraint=constraint, per_token=True, fused_head=fused,
+                                              share_states=share)
+        (logp.sum() + 0.1 * entropy.sum()).backward()
+        out[share] = (logp.detach(), entropy.detach(), mask, [p.grad.clone() for p in model.parameters()])
+    assert used == [True]
+    (lp0, e0, m0, g0), (lp1, e1, m1, g1) = out[False], out[True]
+    assert torch.equal(m0, m1)
+    torch.testing.assert_close(lp1, lp0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(e1, e0, rtol=0, atol=1e-9)
+    for a, b in zip(g0, g1):
+        assert a.norm() > 0
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+
+def test_states_that_do_not_repeat_enough_take_the_whole_forward(model, monkeypatch):
+    used = spy_shared(monkeypatch)
+    state_ids, state_len, action_ids, action_len = batch()  # four distinct states
+    action_logprobs(model, state_ids, state_len, action_ids, action_len, pad_id=PAD, share_states=True)
+    g_ids, g_len, g_actions, g_alen = grouped_batch()
+    g_len[-3:] = 1  # a one-token state has no prefix to share
+    action_logprobs(model, g_ids, g_len, g_actions, g_alen, pad_id=PAD, share_states=True)
+    assert used == [False, False]
+
+
+def test_an_fsdp2_sharded_policy_takes_the_whole_forward_when_states_repeat():
+    """2 processes (gloo): FSDP2 frees the gathered weights after each root forward, so the shared prefix
+    (two root forwards before one backward) fails there ("setStorage ... out of bounds", seen); it is
+    refused and the whole forward runs, the same values and gradients as without asking."""
+    for rank in dist_check_results():
+        check = rank["shared_states"]
+        assert check["refused"]
+        assert check["logp_max_diff"] == 0 and check["grad_max_diff"] == 0 and check["grad_min_norm"] > 0

@@ -66,6 +66,8 @@ class SamplingParams:
     greedy: bool = False
     stop_token_id: int = 0
     constraint: ActionConstraint | None = None
+    share_prompts: bool = False
+    """Prompts repeat (group rollouts): an engine may prefill each distinct prompt once."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from fastarcher.kv_cache import cache_arg, cache_of, plain_layers, repeated_rows, select_rows
 from fastarcher.rollout.base import GenerationOutput, SamplingParams
 
 
@@ -35,11 +36,6 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
-
-
-def _cache_of(result):
-    cache = getattr(result, "cache", None)
-    return cache if cache is not None else result.past_key_values
 
 
 @dataclass
@@ -105,9 +101,7 @@ def _prefix_cache(prefixes: list[RowCache | None], device: torch.device):
         mask = block.mask.index_select(0, index)
         used = mask.any(0).nonzero()
         first = int(used[0]) if len(used) else 0  # columns only dropped rows used are cut off
-        layers = [(layer.keys.index_select(0, index)[:, :, first:], layer.values.index_select(0, index)[:, :, first:])
-                  for layer in block.cache.layers]
-        return DynamicCache(ddp_cache_data=layers), mask[:, first:]
+        return select_rows(block.cache, index, first), mask[:, first:]
     width = max(len(p.tokens) if p else 0 for p in prefixes)
     template = next(p for p in prefixes if p).block.cache.layers
     bufs = [(t.keys.new_zeros(len(prefixes), t.keys.shape[1], width, t.keys.shape[3]),
@@ -129,17 +123,6 @@ def _prefix_cache(prefixes: list[RowCache | None], device: torch.device):
     return DynamicCache(ddp_cache_data=bufs), mask
 
 
-def _plain_layers(cache) -> bool:
-    """Every layer keeps all positions (no sliding window, no quantisation): what reuse relies on."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        return False
-    shapes = {(tuple(layer.keys.shape[1:]), tuple(layer.values.shape[1:])) for layer in layers}
-    return len(shapes) == 1  # rows are gathered from every layer alike
-
-
 class HFEngine:
     def __init__(self, model: nn.Module, *, pad_id: int, device: torch.device, max_batch: int = 256):
         self.model = model.to(device).eval()
@@ -154,7 +137,7 @@ class HFEngine:
         self.timings: dict[str, float] = {}  # nothing is released or resumed
         # Newer transformers name the cache argument `cache`; older ones `past_key_values`.
         forward_args = inspect.signature(self.model.forward).parameters
-        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._cache_arg = cache_arg(self.model)
         # Only the last position's logits are read: skip the LM head elsewhere when the model allows.
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward_args else {}
 
@@ -225,9 +208,13 @@ class HFEngine:
             extra = {self._cache_arg: cache}
         else:
             mask, extra = new_mask, {}
-        result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            **extra, **self._last_logits)
-        cache, logits = _cache_of(result), result.logits[:, -1]  # (B, V)
+        cache = logits = None
+        if params.share_prompts and not extra:
+            cache, logits = self._shared_prefill(new, ids, mask, positions)
+        if cache is None:
+            result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                **extra, **self._last_logits)
+            cache, logits = cache_of(result), result.logits[:, -1]  # (B, V)
         next_pos = positions[:, -1] + 1
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logprobs: list[list[float]] = [[] for _ in range(batch)]
@@ -272,11 +259,11 @@ class HFEngine:
                 input_ids=next_tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                 use_cache=True, **{self._cache_arg: cache},
             )
-            cache, logits = _cache_of(result), result.logits[:, -1]
+            cache, logits = cache_of(result), result.logits[:, -1]
             next_pos = next_pos + 1
             calls += 1
         rows = None
-        if store is not None and any(store) and _plain_layers(cache):
+        if store is not None and any(store) and plain_layers(cache):
             block = KVBlock(cache, mask)
             counts = mask.sum(1).tolist()
             rows = []
@@ -288,6 +275,21 @@ class HFEngine:
                     raise RuntimeError(f"KV cache row {b} holds {counts[b]} positions for {len(p) + n} tokens")
                 rows.append(RowCache(p + t[:n], block, b))
         return tokens, logprobs, calls, rows
+
+    def _shared_prefill(self, prompts: list[list[int]], ids: Tensor, mask: Tensor, positions: Tensor):
+        """Prefill each distinct prompt once and give every row its prompt's keys/values and last logits
+        (a group's episodes start from one prompt). (None, None) when fewer than half the rows repeat one."""
+        first, inverse = repeated_rows(prompts)
+        if 2 * len(first) > len(inverse):
+            return None, None
+        pick = torch.tensor(first, device=ids.device)
+        result = self.model(input_ids=ids[pick], attention_mask=mask[pick], position_ids=positions[pick],
+                            use_cache=True, **self._last_logits)
+        cache = cache_of(result)
+        if not plain_layers(cache):
+            return None, None
+        rows = torch.tensor(inverse, device=ids.device)
+        return select_rows(cache, rows), result.logits[:, -1].index_select(0, rows)
 
     @staticmethod
     def _draw(probs: Tensor, generator, draw_order: list[int] | None) -> Tensor:
