@@ -66,12 +66,19 @@ def _scoring_head(policy: nn.Module, head: nn.Linear, targets: Tensor, backend: 
         policy.lm_head = head
 
 
+def _checkpoints_activations(policy: nn.Module) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing
+    if hasattr(type(policy), "is_activation_checkpointing"):
+        return bool(policy.is_activation_checkpointing)
+    return bool(getattr(policy, "is_gradient_checkpointing", False))
+
+
 def shared_prefix(policy: nn.Module, state: Tensor, state_len: Tensor, state_mask: Tensor, position_ids: Tensor):
     """Keys/values of every row's state but its last token, each distinct state computed once and repeated
     for its rows (differentiable), or None when fewer than half the rows repeat a state, a state has a
-    single token, the policy is FSDP2-sharded, or the model's cache is not plain (sliding window, quantised, or none while activation
-    checkpointing is on). `state` left-padded (B, S)."""
-    if state.shape[1] < 2 or int(state_len.min()) < 2:
+    single token, the policy is FSDP2-sharded or checkpoints activations (no cache then), or the model's
+    cache is not plain (sliding window, quantised). `state` left-padded (B, S)."""
+    if state.shape[1] < 2 or int(state_len.min()) < 2 or _checkpoints_activations(policy):
         return None
     if isinstance(next(policy.parameters()), DTensor):
         return None  # FSDP2 frees the gathered weights after each root forward: two before one backward fail
@@ -113,7 +120,7 @@ def action_logprobs(
     sampling (−inf off the allowed set), for the exact KL. fused_head=False always materialises the logits.
     share_states: when at least half the rows repeat a state (a group's episodes from one prompt), each
     distinct state but its last token runs once and the rows continue from its keys/values (`shared_prefix`);
-    the same values and gradients as the whole forward."""
+    the same values and gradients as the whole forward, to rounding."""
     batch, width_a = action_ids.shape
     state = left_align(state_ids, state_len, pad_id)
     ids = torch.cat([state, action_ids], dim=1)  # (B, S + A)

@@ -171,3 +171,14 @@ def test_reinforce_scores_the_sampled_tokens_of_cut_rollout_utterances_only(tmp_
 def test_model_fused_head_flag_reaches_the_actor(tmp_path):
     assert make_trainer(tmp_path / "a").actor.fused_head is True
     assert make_trainer(tmp_path / "b", "--model.no-fused-head").actor.fused_head is False
+
+
+def test_group_rollouts_share_prompts_and_states(tmp_path):
+    """GRPO groups start G episodes from one prompt: the engine prefills it once and the scoring forward
+    runs each distinct state once; ArCHer (group size 1) asks for neither."""
+    grouped = make_trainer(tmp_path / "g", "--algo", "grpo", "--rollout.group-size", "2")
+    assert grouped.actor.share_states and grouped.actor.sampling_params().share_prompts
+    grouped.logger.close()
+    single = make_trainer(tmp_path / "a")
+    assert not single.actor.share_states and not single.actor.sampling_params().share_prompts
+    single.logger.close()
