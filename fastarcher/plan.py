@@ -2,7 +2,7 @@
 
 Resident parts come from exact parameter counts (the models are built on fake tensors: nothing is read from
 disk or allocated): the policy's FSDP2 shard, its gradients and AdamW state (trainable parameters only, so
-LoRA counts adapters), the rollout engine's full copy, the critic with its target, gradients and AdamW state,
+LoRA counts adapters), the rollout engine's full copy (bf16 under mixed precision), the critic with its target, gradients and AdamW state,
 a reference policy where a KL term needs one, and the replay buffer. The peaks of one actor step and one
 critic step are measured by running them on fake tensors under torch's `MemTracker` (activations and
 temporaries of the real code paths at the configured batch and lengths), so they follow the model, the
@@ -115,6 +115,14 @@ def _step_peak(modules: list[nn.Module], optimizer, step) -> int:
     return snapshot["Total"] - sum(held.values())
 
 
+def _engine_in_bf16(cfg) -> bool:
+    """Under torchrun the HF engine's copy takes the policy's mixed-precision dtype: bf16 when asked, or by
+    default ('auto') on CUDA (device 'auto' resolved on this machine, as the trainer would)."""
+    mode = cfg.model.mixed_precision
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return mode == "bf16" or (mode == "auto" and cuda)
+
+
 def plan_memory(cfg, world_size: int = 1) -> MemoryPlan:
     """The memory plan of `cfg` on `world_size` processes (FSDP2 shards divide the resident model parts)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -131,8 +139,12 @@ def plan_memory(cfg, world_size: int = 1) -> MemoryPlan:
     with mode:
         policy, tokenizer = _fake_policy(cfg)
         plain = tensor_bytes(policy.parameters())
-        out.resident["rollout engine: full policy copy (hf)" if cfg.rollout.engine == "hf" else
-                     "rollout engine: sglang (its own share, released)"] = plain if cfg.rollout.engine == "hf" else 0
+        if cfg.rollout.engine == "hf" and _engine_in_bf16(cfg):
+            out.resident["rollout engine: full policy copy (hf, bf16)"] = 2 * sum(p.numel() for p in policy.parameters())
+        elif cfg.rollout.engine == "hf":
+            out.resident["rollout engine: full policy copy (hf)"] = plain
+        else:
+            out.resident["rollout engine: sglang (its own share, released)"] = 0
         if cfg.model.lora.enabled:
             # peft cannot place adapters on fake tensors: count them on a meta-device copy, and plan the step
             # with the target layers' own weights trainable (an upper bound by those weights' gradient bytes).

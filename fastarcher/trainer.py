@@ -101,9 +101,9 @@ class Trainer:
             apply_lora(self.policy, cfg.model.lora)  # after the engine's copy: the engine keeps the plain model
         if cfg.model.activation_checkpointing:
             enable_activation_checkpointing(self.policy)  # the training copy only: the engine never backpropagates
+        mixed = mixed_precision_policy(cfg.model.mixed_precision, self.device) if mesh is not None else None
         if mesh is not None:
-            parallelize(self.policy, transformer_blocks(self.policy), mesh,
-                        mixed_precision_policy(cfg.model.mixed_precision, self.device),
+            parallelize(self.policy, transformer_blocks(self.policy), mesh, mixed,
                         offload=cfg.model.cpu_offload and self.device.type == "cuda")
         self.policy.train()
         optim = cfg.optim
@@ -118,6 +118,8 @@ class Trainer:
             self.engine = self._sglang_engine(engine_model)
             del engine_model  # the engine loads its own copy: dummy weights, then the first sync
         else:
+            if mixed is not None:  # sample in the dtype the policy computes in: half the copy's bytes
+                engine_model.to(mixed.param_dtype)
             self.engine = HFEngine(engine_model, pad_id=self.pad_id, device=self.device, max_batch=cfg.rollout.max_batch)
         self.constraint = None
         if cfg.rollout.constrain_actions:

@@ -240,6 +240,42 @@ def _precision_check(rank: int, world_size: int) -> dict:
     }
 
 
+def _bf16_engine_check(rank: int, world_size: int) -> dict:
+    """The trainer's HF engine under bf16 mixed precision: a bf16 copy of the policy (half the bytes), synced
+    from the fp32 FSDP2 master shards in bf16 buckets, equal to the full parameters cast to bf16."""
+    import copy
+
+    from fastarcher.model import transformer_blocks
+    from fastarcher.parallel import data_parallel_mesh, mixed_precision_policy, parallelize
+    from fastarcher.rollout.base import SamplingParams
+    from fastarcher.rollout.hf_engine import HFEngine
+    from fastarcher.rollout.weight_sync import sync_weights
+
+    device = torch.device("cpu")
+    policy, tokenizer = tiny_policy(torch.float32, seed=0, init_std=0.3)
+    engine_model = copy.deepcopy(policy).to(torch.bfloat16)
+    parallelize(policy, transformer_blocks(policy), data_parallel_mesh(device, world_size),
+                mixed_precision_policy("bf16", device))
+    with torch.no_grad():  # move the master weights away from the copy's start
+        for p in policy.parameters():
+            p.add_(0.01 * torch.ones_like(p))
+    engine = HFEngine(engine_model, pad_id=tokenizer.pad_token_id, device=device)
+    stats = sync_weights(policy, engine, 1 << 20)
+    full = {n: p.full_tensor() for n, p in policy.named_parameters()}
+    engine_params = dict(engine.named_parameters())
+    out = engine.generate([[5, 6, 7]], SamplingParams(greedy=True, max_new_tokens=3, stop_token_id=-1))
+    return {
+        "weight_dtype": str(engine.weight_dtype),
+        "engine_dtypes": sorted({str(p.dtype) for p in engine_params.values()}),
+        "master_dtypes": sorted({str(p.dtype) for p in full.values()}),
+        "synced_bytes": stats["bytes"],
+        "bf16_bytes": float(sum(2 * p.numel() for p in full.values() if p.is_floating_point())),
+        "max_diff_to_master_in_bf16": max(float((engine_params[n].float() - full[n].bfloat16().float()).abs().max())
+                                          for n in full if n in engine_params),
+        "tokens": len(out.token_ids[0]),
+    }
+
+
 def _metrics_check(rank: int, world_size: int) -> dict:
     from fastarcher.metrics import reduce_metrics
 
@@ -295,7 +331,8 @@ def _main(out_dir: str) -> None:
                   "metrics": _metrics_check(info.rank, info.world_size),
                   "fused_head": _fused_head_check(info.rank, info.world_size),
                   "shared_states": _shared_states_check(info.rank, info.world_size),
-                  "precision": _precision_check(info.rank, info.world_size)}
+                  "precision": _precision_check(info.rank, info.world_size),
+                  "bf16_engine": _bf16_engine_check(info.rank, info.world_size)}
         Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
     finally:
         shutdown_distributed()

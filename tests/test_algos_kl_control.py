@@ -23,7 +23,7 @@ def _ctx(estimator="low_var_kl", placement="reward", adaptive=False, coef=0.5):
     policy, tok = tiny_policy(torch.float64, seed=1, init_std=0.3)
     cfg = SimpleNamespace(kl=KLConfig(coef=coef, estimator=estimator, placement=placement, adaptive=adaptive,
                                       target=0.01, horizon=100),
-                          rollout=SimpleNamespace(max_new_tokens=3), archer=SimpleNamespace(batch_size=2))
+                          rollout=SimpleNamespace(max_new_tokens=3, group_size=1), archer=SimpleNamespace(batch_size=2))
     actor = Actor(policy, None, None, rollout_cfg=cfg.rollout, pad_id=tok.pad_token_id, stop_id=tok.eos_token_id,
                   constraint=None, device=torch.device("cpu"))
     return SimpleNamespace(cfg=cfg, actor=actor, make_policy=lambda: copy.deepcopy(tiny_policy(torch.float64, seed=9)[0]),

@@ -49,3 +49,26 @@ def test_two_processes_compute_in_bf16_over_fp32_master_weights():
             assert check[run]["state_dtypes"] == ["torch.float32"], run
         assert check["ckpt_grad_max_diff"] < 1e-6  # checkpointing under FSDP2 changes nothing
         assert check["bf16_grad_cosine"] > 0.98 and check["bf16_grad_max_diff"] > 0  # close, yet really bf16
+
+
+def test_the_hf_engine_copy_is_bf16_under_mixed_precision_and_synced_from_the_fp32_master():
+    """2 processes: the engine holds bf16 weights (what the policy computes in) while the FSDP2 shards stay
+    fp32; a sync sends bf16 buckets (half the bytes) equal to the master weights cast to bf16."""
+    for rank in dist_check_results():
+        check = rank["bf16_engine"]
+        assert check["weight_dtype"] == "torch.bfloat16" and check["engine_dtypes"] == ["torch.bfloat16"]
+        assert check["master_dtypes"] == ["torch.float32"]
+        assert check["synced_bytes"] == check["bf16_bytes"] > 0
+        assert check["max_diff_to_master_in_bf16"] == 0.0
+        assert check["tokens"] == 3
+
+
+def test_the_planner_counts_the_engine_copy_in_bf16_under_mixed_precision():
+    from fastarcher.plan import plan_memory
+    from fastarcher.train import parse_config
+
+    base = ["--config", "configs/tiny_cpu.yaml", "--device", "cpu"]
+    fp32 = plan_memory(parse_config(base + ["--model.mixed-precision", "off"])).resident
+    bf16 = plan_memory(parse_config(base + ["--model.mixed-precision", "bf16"])).resident
+    assert "rollout engine: full policy copy (hf)" in fp32
+    assert bf16["rollout engine: full policy copy (hf, bf16)"] * 2 == fp32["rollout engine: full policy copy (hf)"]

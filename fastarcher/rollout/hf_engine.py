@@ -132,6 +132,9 @@ class HFEngine:
         self.device = device
         self.max_batch = max_batch
         self._params = dict(self.model.named_parameters())
+        # The sync casts to this before bucketing (half the bytes when the copy is bf16 under mixed precision).
+        dtypes = {p.dtype for p in self._params.values() if p.is_floating_point()}
+        self.weight_dtype = dtypes.pop() if len(dtypes) == 1 else None
         self.version = 0  # completed weight syncs, stamped on every GenerationOutput
         self.weights_valid = True  # a copy of the policy from the start
         self.timings: dict[str, float] = {}  # nothing is released or resumed
