@@ -148,6 +148,24 @@ def last_token_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
 
 
+def state_is_prefix(state_ids: Tensor, state_mask: Tensor, next_ids: Tensor, next_mask: Tensor) -> bool:
+    """Every row's s (right-padded) is the start of its s′ (right-padded): no context window slid."""
+    state_len, next_len = state_mask.sum(1), next_mask.sum(1)
+    width = min(state_ids.shape[1], next_ids.shape[1])
+    if bool((state_len == 0).any()) or bool((state_len > next_len).any()) or int(state_len.max()) > width:
+        return False
+    same = (state_ids[:, :width] == next_ids[:, :width]) | ~state_mask[:, :width].bool()
+    return bool(same.all())
+
+
+def _on_every_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` holds on every rank: the sharded encoder's passes are collectives, so every rank must
+    take the same branch."""
+    from fastarcher.dist import all_reduce_max
+
+    return int(all_reduce_max(torch.tensor([0 if flag else 1], device=device))[0]) == 0
+
+
 class DoubleCritic(nn.Module):
     """Q1, Q2(s, a) and V1, V2(s) over token ids; every output is (B,) float32."""
 
@@ -170,6 +188,9 @@ class DoubleCritic(nn.Module):
             self._backbone = (backbone,)
             self.encoder = None
             emb_dim = backbone.config.hidden_size
+        # Causal encoders (the built-in one, the policy's trunk) embed s inside the pass over s′ when s′
+        # extends s; a pretrained encoder_path model may attend both ways, so it always embeds s apart.
+        self.share_state_pass = cfg.encoder == "policy" or not cfg.encoder_path
         self.q1 = _mlp_head(2 * emb_dim, cfg.mlp_hidden)
         self.q2 = _mlp_head(2 * emb_dim, cfg.mlp_hidden)
         self.v1 = _mlp_head(emb_dim, cfg.mlp_hidden)
@@ -190,6 +211,10 @@ class DoubleCritic(nn.Module):
 
     def embed(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids (B, T) int64, mask (B, T) → (B, H) embedding pooled at the last non-pad token."""
+        return last_token_pool(self._hidden(ids, mask), mask)  # (B, H)
+
+    def _hidden(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """The encoder's last hidden state (B, T, H)."""
         mask = mask.to(torch.long)
         # positions count real tokens only, so left padding embeds the same as right padding
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
@@ -204,7 +229,7 @@ class DoubleCritic(nn.Module):
                 hidden = out.hidden_states[-1]
             else:
                 hidden = net(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
-        return last_token_pool(hidden, mask)  # (B, H)
+        return hidden
 
     def forward(self, state_ids: Tensor, state_mask: Tensor, action_ids: Tensor, action_mask: Tensor,
                 next_ids: Tensor | None = None, next_mask: Tensor | None = None,
@@ -216,8 +241,17 @@ class DoubleCritic(nn.Module):
         slower on CPU and is not bit-identical to two calls, so they stay separate.)"""
         if (next_ids is None) != (next_mask is None):
             raise ValueError("pass both next_ids and next_mask, or neither")
-        state_emb = self.embed(state_ids, state_mask)  # (B, H)
-        value_emb = state_emb if next_ids is None else self.embed(next_ids, next_mask)  # (B, H)
+        if next_ids is not None and self.share_state_pass and _on_every_rank(
+                state_is_prefix(state_ids, state_mask, next_ids, next_mask), state_ids.device):
+            # s′ = s ⊕ a ⊕ o on every row (no context window slid): under causal attention the pass over s′
+            # holds s's embedding at s's last token, so s needs no pass of its own
+            hidden = self._hidden(next_ids, next_mask)  # (B, T′, H)
+            value_emb = last_token_pool(hidden, next_mask)
+            within = torch.arange(next_ids.shape[1], device=next_ids.device)[None, :] < state_mask.sum(1)[:, None]
+            state_emb = last_token_pool(hidden, within)
+        else:
+            state_emb = self.embed(state_ids, state_mask)  # (B, H)
+            value_emb = state_emb if next_ids is None else self.embed(next_ids, next_mask)  # (B, H)
         # two encoder calls instead of one on the concatenated batch: states are long and actions
         # short, so padding both to one width would waste most of the action call
         action_emb = self.embed(action_ids, action_mask)  # (B, H)

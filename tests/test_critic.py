@@ -248,3 +248,72 @@ def test_soft_update_on_fsdp2_dtensor_params(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _DTENSOR_SCRIPT, str(tmp_path / "pg")], capture_output=True,
                           text=True, timeout=120, env=env)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def extended_batch(batch=12, s_width=9, extra=6, seed=4):
+    """Right-padded s of ragged lengths and s′ = s ⊕ (1..extra more tokens), as with no context window."""
+    g = torch.Generator().manual_seed(seed)
+    s_len = torch.randint(1, s_width + 1, (batch,), generator=g)
+    n_len = s_len + torch.randint(1, extra + 1, (batch,), generator=g)
+    n_width = int(n_len.max())
+    n = torch.randint(1, VOCAB, (batch, n_width), generator=g)
+    n_mask = (torch.arange(n_width)[None] < n_len[:, None]).long()
+    s_mask = (torch.arange(s_width)[None] < s_len[:, None]).long()
+    s = n[:, :s_width] * s_mask
+    return s, s_mask, n * n_mask, n_mask
+
+
+def count_encoder_calls(critic):
+    calls = []
+    critic.encoder.register_forward_hook(lambda module, args, out: calls.append(1))
+    return calls
+
+
+def test_state_is_prefix_by_hand():
+    from fastarcher.critic import state_is_prefix
+
+    s, s_mask, n, n_mask = extended_batch()
+    assert state_is_prefix(s, s_mask, n, n_mask)
+    slid = n.clone()
+    slid[3, 0] = (slid[3, 0] % (VOCAB - 1)) + 1  # row 3's window slid: its s′ no longer starts with s
+    assert not state_is_prefix(s, s_mask, slid, n_mask)
+    assert state_is_prefix(s, s_mask, n, n_mask) and not state_is_prefix(n, n_mask, s, s_mask)  # s′ longer than s
+    empty = s_mask.clone()
+    empty[0] = 0
+    assert not state_is_prefix(s, empty, n, n_mask)
+
+
+def test_target_form_embeds_s_inside_the_pass_over_s_next_when_it_extends_s():
+    """s′ = s ⊕ a ⊕ o on every row: one encoder pass over s′ gives V(s′) and s's embedding (causal attention),
+    so the target call makes two passes instead of three; values equal the separate passes' (to float32
+    rounding: the Llama RMSNorm computes in float32 whatever the model dtype)."""
+    critic = make_critic().double().eval()
+    calls = count_encoder_calls(critic)
+    s, s_mask, n, n_mask = extended_batch()
+    f, f_mask = torch.randint(1, VOCAB, (12, 4)), torch.ones(12, 4, dtype=torch.long)
+    with torch.no_grad():
+        critic.share_state_pass = False
+        separate = critic(s, s_mask, f, f_mask, n, n_mask)
+        separate_calls = len(calls)
+        critic.share_state_pass = True
+        shared = critic(s, s_mask, f, f_mask, n, n_mask)
+    assert separate_calls == 3 and len(calls) - separate_calls == 2
+    for x, y in zip(shared, separate):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    assert not torch.equal(shared[0], critic(n, n_mask, f, f_mask)[0])  # Q pooled at s's end, not s′'s
+
+
+def test_a_row_whose_window_slid_keeps_the_separate_passes_bit_for_bit():
+    critic = make_critic().eval()
+    calls = count_encoder_calls(critic)
+    s, s_mask, n, n_mask = extended_batch()
+    n[5, 0] = (n[5, 0] % (VOCAB - 1)) + 1
+    f, f_mask = torch.randint(1, VOCAB, (12, 4)), torch.ones(12, 4, dtype=torch.long)
+    with torch.no_grad():
+        shared = critic(s, s_mask, f, f_mask, n, n_mask)
+        critic.share_state_pass = False
+        separate = critic(s, s_mask, f, f_mask, n, n_mask)
+    assert len(calls) == 6
+    for x, y in zip(shared, separate):
+        assert torch.equal(x, y)
+

@@ -34,6 +34,8 @@ def test_the_critic_trunk_is_the_folders_base_model(encoder_folder):
     mask = torch.ones_like(ids)
     q1, q2, v1, v2 = critic(ids, mask, ids[:, :3], mask[:, :3])
     assert q1.shape == v1.shape == (2,) and all(torch.isfinite(t).all() for t in (q1, q2, v1, v2))
+    # a pretrained trunk may attend both ways (RoBERTa-like): s is never embedded inside the pass over s′
+    assert not critic.share_state_pass
 
 
 def test_a_vocabulary_smaller_than_the_policys_is_refused(encoder_folder):
