@@ -8,9 +8,9 @@ Two trainers are built from the same preset and seed (the built-in policy, no wa
 the first iteration) and take turns: one `Trainer.iterate()` each per round, after one warm-up iteration
 each. Providers:
 - `plain` (baseline): `--rollout.no-kv-cache --model.no-fused-head` (every turn prefilled again, logits
-  materialised for the actor);
-- `default`: the preset as shipped (cross-turn KV cache, fused LM head; the replay rebuild and batched
-  tokenization are always on).
+  materialised for the actor), and the critic target embedding s in its own pass even where s′ extends s;
+- `default`: the preset as shipped (cross-turn KV cache, fused LM head, s embedded inside the pass over s′
+  where it can be; the replay rebuild and batched tokenization are always on).
 The two play the same episodes only while their numerics agree; the figure is the median seconds per
 iteration, and `time/*` splits it by phase.
 """
@@ -39,6 +39,8 @@ def build(preset: str, flags: list[str], run_dir: Path):
             "--archer.warmup-iterations", "0", "--log.no-progress", "--log.run-dir", str(run_dir), *flags]
     trainer = Trainer(parse_config(argv), DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     trainer.algorithm.start(resumed=False)
+    if "--rollout.no-kv-cache" in flags:  # the baseline: the critic target's three separate passes too
+        trainer.algorithm.critic.share_state_pass = trainer.algorithm.target.share_state_pass = False
     return trainer
 
 

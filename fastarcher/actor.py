@@ -29,9 +29,12 @@ class Actor:
         self.pad_id, self.stop_id, self.constraint, self.device = pad_id, stop_id, constraint, device
         self.traces = traces
         self.fused_head = fused_head
-        # A group's episodes start from one prompt: score each distinct state once (not while traces
-        # hook the model's layers: they expect one forward per micro-batch).
-        self.share_states = rollout_cfg.group_size > 1 and traces is None
+
+    @property
+    def share_states(self) -> bool:
+        """A group's episodes start from one prompt: score each distinct state once (not while traces hook
+        the model's layers: they expect one forward per micro-batch)."""
+        return self.rollout_cfg.group_size > 1 and (self.traces is None or not self.traces.enabled)
 
     def sampling_params(self, greedy: bool = False) -> SamplingParams:
         r = self.rollout_cfg
