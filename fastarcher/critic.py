@@ -148,22 +148,20 @@ def last_token_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
 
 
-def state_is_prefix(state_ids: Tensor, state_mask: Tensor, next_ids: Tensor, next_mask: Tensor) -> bool:
-    """Every row's s (right-padded) is the start of its s′ (right-padded): no context window slid."""
+def prefix_rows(state_ids: Tensor, state_mask: Tensor, next_ids: Tensor, next_mask: Tensor) -> Tensor:
+    """(B,) bool: the row's s (right-padded) is the start of its s′ (right-padded), i.e. no context window slid."""
     state_len, next_len = state_mask.sum(1), next_mask.sum(1)
     width = min(state_ids.shape[1], next_ids.shape[1])
-    if bool((state_len == 0).any()) or bool((state_len > next_len).any()) or int(state_len.max()) > width:
-        return False
-    same = (state_ids[:, :width] == next_ids[:, :width]) | ~state_mask[:, :width].bool()
-    return bool(same.all())
+    same = ((state_ids[:, :width] == next_ids[:, :width]) | ~state_mask[:, :width].bool()).all(1)
+    return same & (state_len > 0) & (state_len <= next_len) & (state_len <= width)
 
 
-def _on_every_rank(flag: bool, device: torch.device) -> bool:
-    """True when `flag` holds on every rank: the sharded encoder's passes are collectives, so every rank must
-    take the same branch."""
+def _any_on_some_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over ranks: the sharded encoder's passes are collectives, so every rank must take the
+    same passes."""
     from fastarcher.dist import all_reduce_max
 
-    return int(all_reduce_max(torch.tensor([0 if flag else 1], device=device))[0]) == 0
+    return [bool(x) for x in all_reduce_max(torch.tensor([int(f) for f in flags], device=device)).tolist()]
 
 
 class DoubleCritic(nn.Module):
@@ -241,14 +239,24 @@ class DoubleCritic(nn.Module):
         slower on CPU and is not bit-identical to two calls, so they stay separate.)"""
         if (next_ids is None) != (next_mask is None):
             raise ValueError("pass both next_ids and next_mask, or neither")
-        if next_ids is not None and self.share_state_pass and _on_every_rank(
-                state_is_prefix(state_ids, state_mask, next_ids, next_mask), state_ids.device):
-            # s′ = s ⊕ a ⊕ o on every row (no context window slid): under causal attention the pass over s′
-            # holds s's embedding at s's last token, so s needs no pass of its own
+        prefix = None
+        if next_ids is not None and self.share_state_pass:
+            prefix = prefix_rows(state_ids, state_mask, next_ids, next_mask)
+            some, others = _any_on_some_rank([bool(prefix.any()), not bool(prefix.all())], state_ids.device)
+            prefix = prefix if some else None
+        if prefix is not None:
+            # rows with s′ = s ⊕ a ⊕ o (no context window slid): under causal attention the pass over s′ holds
+            # s's embedding at s's last token, so their s needs no pass of its own
             hidden = self._hidden(next_ids, next_mask)  # (B, T′, H)
             value_emb = last_token_pool(hidden, next_mask)
             within = torch.arange(next_ids.shape[1], device=next_ids.device)[None, :] < state_mask.sum(1)[:, None]
             state_emb = last_token_pool(hidden, within)
+            if others:  # the rows whose window slid (on some rank) embed s apart
+                rows = (~prefix).nonzero().squeeze(1)
+                pick = rows if len(rows) else rows.new_zeros(1)  # a rank without such rows embeds one, unused
+                apart = self.embed(state_ids[pick], state_mask[pick])
+                if len(rows):
+                    state_emb = state_emb.index_copy(0, rows, apart.to(state_emb.dtype))
         else:
             state_emb = self.embed(state_ids, state_mask)  # (B, H)
             value_emb = state_emb if next_ids is None else self.embed(next_ids, next_mask)  # (B, H)

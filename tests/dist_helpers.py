@@ -276,6 +276,33 @@ def _bf16_engine_check(rank: int, world_size: int) -> dict:
     }
 
 
+def _critic_state_pass_check(rank: int, world_size: int) -> dict:
+    """FSDP2-sharded critic target where only rank 0 has a row whose window slid: both ranks must run the
+    same passes (rank 1 embeds one unused row) and each equals the separate passes."""
+    from fastarcher.critic import CriticConfig, DoubleCritic
+    from fastarcher.parallel import data_parallel_mesh, parallelize
+
+    torch.manual_seed(0)
+    critic = DoubleCritic(CriticConfig(hidden_size=32, num_layers=2, num_heads=4, mlp_hidden=16), vocab_size=40,
+                          pad_id=0).double()
+    parallelize(critic, critic.encoder_layers(), data_parallel_mesh(torch.device("cpu"), world_size))
+    g = torch.Generator().manual_seed(10 + rank)
+    s_len = torch.randint(2, 8, (6,), generator=g)
+    n_len = s_len + torch.randint(1, 5, (6,), generator=g)
+    n = torch.randint(1, 40, (6, int(n_len.max())), generator=g)
+    n_mask = (torch.arange(n.shape[1])[None] < n_len[:, None]).long()
+    s_mask = (torch.arange(7)[None] < s_len[:, None]).long()
+    s = torch.nn.functional.pad(n, (0, max(0, 7 - n.shape[1])))[:, :7] * s_mask  # s′ starts with s
+    if rank == 0:
+        n[2, 0] = n[2, 0] % 39 + 1
+    f, f_mask = torch.randint(1, 40, (6, 3), generator=g), torch.ones(6, 3, dtype=torch.long)
+    with torch.no_grad():
+        shared = critic(s, s_mask, f, f_mask, n, n_mask)
+        critic.share_state_pass = False
+        separate = critic(s, s_mask, f, f_mask, n, n_mask)
+    return {"max_diff": max(float((x - y).abs().max()) for x, y in zip(shared, separate))}
+
+
 def _metrics_check(rank: int, world_size: int) -> dict:
     from fastarcher.metrics import reduce_metrics
 
@@ -332,7 +359,8 @@ def _main(out_dir: str) -> None:
                   "fused_head": _fused_head_check(info.rank, info.world_size),
                   "shared_states": _shared_states_check(info.rank, info.world_size),
                   "precision": _precision_check(info.rank, info.world_size),
-                  "bf16_engine": _bf16_engine_check(info.rank, info.world_size)}
+                  "bf16_engine": _bf16_engine_check(info.rank, info.world_size),
+                  "critic_state_pass": _critic_state_pass_check(info.rank, info.world_size)}
         Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(result))
     finally:
         shutdown_distributed()

@@ -269,18 +269,18 @@ def count_encoder_calls(critic):
     return calls
 
 
-def test_state_is_prefix_by_hand():
-    from fastarcher.critic import state_is_prefix
+def test_prefix_rows_by_hand():
+    from fastarcher.critic import prefix_rows
 
     s, s_mask, n, n_mask = extended_batch()
-    assert state_is_prefix(s, s_mask, n, n_mask)
+    assert prefix_rows(s, s_mask, n, n_mask).all()
     slid = n.clone()
     slid[3, 0] = (slid[3, 0] % (VOCAB - 1)) + 1  # row 3's window slid: its s′ no longer starts with s
-    assert not state_is_prefix(s, s_mask, slid, n_mask)
-    assert state_is_prefix(s, s_mask, n, n_mask) and not state_is_prefix(n, n_mask, s, s_mask)  # s′ longer than s
+    assert prefix_rows(s, s_mask, slid, n_mask).tolist() == [i != 3 for i in range(12)]
+    assert not prefix_rows(n, n_mask, s, s_mask).all()  # s′ shorter than s
     empty = s_mask.clone()
     empty[0] = 0
-    assert not state_is_prefix(s, empty, n, n_mask)
+    assert not prefix_rows(s, empty, n, n_mask)[0]
 
 
 def test_target_form_embeds_s_inside_the_pass_over_s_next_when_it_extends_s():
@@ -303,17 +303,43 @@ def test_target_form_embeds_s_inside_the_pass_over_s_next_when_it_extends_s():
     assert not torch.equal(shared[0], critic(n, n_mask, f, f_mask)[0])  # Q pooled at s's end, not s′'s
 
 
-def test_a_row_whose_window_slid_keeps_the_separate_passes_bit_for_bit():
-    critic = make_critic().eval()
+def test_rows_whose_window_slid_embed_s_apart_and_the_rest_share_the_pass():
+    """Row 5's s′ does not start with its s: the pass over s′ serves the other rows' s, row 5's s gets a pass
+    of its own (one row), and every output equals the three separate passes' (to float32 rounding)."""
+    critic = make_critic().double().eval()
     calls = count_encoder_calls(critic)
     s, s_mask, n, n_mask = extended_batch()
     n[5, 0] = (n[5, 0] % (VOCAB - 1)) + 1
+    f, f_mask = torch.randint(1, VOCAB, (12, 4)), torch.ones(12, 4, dtype=torch.long)
+    rows = []
+    critic.encoder.register_forward_pre_hook(lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    with torch.no_grad():
+        shared = critic(s, s_mask, f, f_mask, n, n_mask)
+        critic.share_state_pass = False
+        separate = critic(s, s_mask, f, f_mask, n, n_mask)
+    assert rows[:3] == [12, 1, 12] and len(calls) == 6  # s′, the slid row's s, a′; then three separate passes
+    for x, y in zip(shared, separate):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_no_row_extending_its_state_keeps_the_three_passes_bit_for_bit():
+    critic = make_critic().eval()
+    s, s_mask, n, n_mask = extended_batch()
+    n[:, 0] = (n[:, 0] % (VOCAB - 1)) + 1  # every window slid
     f, f_mask = torch.randint(1, VOCAB, (12, 4)), torch.ones(12, 4, dtype=torch.long)
     with torch.no_grad():
         shared = critic(s, s_mask, f, f_mask, n, n_mask)
         critic.share_state_pass = False
         separate = critic(s, s_mask, f, f_mask, n, n_mask)
-    assert len(calls) == 6
     for x, y in zip(shared, separate):
         assert torch.equal(x, y)
 
+
+def test_a_sharded_critic_takes_the_same_passes_on_every_rank():
+    """2 processes (gloo): only rank 0 has a row whose window slid; rank 1 embeds one unused row so that the
+    sharded passes (collectives) line up, and both ranks equal the separate passes."""
+    from dist_helpers import dist_check_results
+
+    for rank in dist_check_results():
+        assert rank["critic_state_pass"]["max_diff"] < 1e-6
