@@ -34,13 +34,14 @@ class Actor:
     def share_states(self) -> bool:
         """A group's episodes start from one prompt: score each distinct state once (not while traces hook
         the model's layers: they expect one forward per micro-batch)."""
-        return self.rollout_cfg.group_size > 1 and (self.traces is None or not self.traces.enabled)
+        r = self.rollout_cfg
+        return r.group_size > 1 and r.share_prompts and (self.traces is None or not self.traces.enabled)
 
     def sampling_params(self, greedy: bool = False) -> SamplingParams:
         r = self.rollout_cfg
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                               greedy=greedy, stop_token_id=self.stop_id, constraint=self.constraint,
-                              share_prompts=r.group_size > 1)
+                              share_prompts=r.group_size > 1 and r.share_prompts)
 
     def sample_actions(self, states: TransitionBatch, generator, engine=None) -> tuple[Tensor, Tensor, Tensor, int]:
         """a′ ~ π(·|s) for every state of the batch, in as few engine calls as max_batch allows:

@@ -54,6 +54,9 @@ class RolloutConfig:
     group_size: int = 1
     """Episodes played from each env seed (GRPO / RLOO groups, verl's rollout.n); num_envs / processes must
     be a multiple of it, so that no group straddles two processes."""
+    share_prompts: bool = True
+    """group_size > 1: prefill each group's prompt once in the HF engine (same tokens) and score each distinct
+    state once in the policy's forward (same values, gradients to float32 rounding); off: every row whole."""
     temperature: float = 1.0
     """Sampling temperature for training rollouts and fresh actions a′."""
     top_p: float = 1.0

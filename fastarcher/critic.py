@@ -52,6 +52,10 @@ class CriticConfig:
     """Hidden width of the Q/V heads (each head: Linear → ReLU → Linear → ReLU → Linear(1))."""
     max_positions: int = 1024
     """Maximum sequence length (state or action) the separate encoder accepts (rotary positions)."""
+    share_state_pass: bool = True
+    """Where s′ extends s (no context window slid), embed s inside the target's pass over s′ (causal encoders;
+    a pretrained encoder_path trunk never): one pass fewer, the same values to float32 rounding. Off: three
+    separate target passes, as before this option (bit for bit)."""
     backbone_grad: bool = False
     """encoder="policy" only: let critic losses backpropagate into the policy backbone. The backbone's
     parameters are never part of `critic.parameters()`: the trainer gives them to the critic optimizer too."""
@@ -188,7 +192,7 @@ class DoubleCritic(nn.Module):
             emb_dim = backbone.config.hidden_size
         # Causal encoders (the built-in one, the policy's trunk) embed s inside the pass over s′ when s′
         # extends s; a pretrained encoder_path model may attend both ways, so it always embeds s apart.
-        self.share_state_pass = cfg.encoder == "policy" or not cfg.encoder_path
+        self.share_state_pass = cfg.share_state_pass and (cfg.encoder == "policy" or not cfg.encoder_path)
         self.q1 = _mlp_head(2 * emb_dim, cfg.mlp_hidden)
         self.q2 = _mlp_head(2 * emb_dim, cfg.mlp_hidden)
         self.v1 = _mlp_head(emb_dim, cfg.mlp_hidden)

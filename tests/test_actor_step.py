@@ -182,3 +182,6 @@ def test_group_rollouts_share_prompts_and_states(tmp_path):
     single = make_trainer(tmp_path / "a")
     assert not single.actor.share_states and not single.actor.sampling_params().share_prompts
     single.logger.close()
+    whole = make_trainer(tmp_path / "w", "--algo", "grpo", "--rollout.group-size", "2", "--rollout.no-share-prompts")
+    assert not whole.actor.share_states and not whole.actor.sampling_params().share_prompts
+    whole.logger.close()

@@ -323,6 +323,18 @@ def test_rows_whose_window_slid_embed_s_apart_and_the_rest_share_the_pass():
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
 
 
+def test_the_shared_state_pass_can_be_turned_off():
+    import dataclasses
+
+    from fastarcher.train import parse_config
+
+    assert make_critic().share_state_pass
+    assert not make_critic(cfg=dataclasses.replace(CFG, share_state_pass=False)).share_state_pass
+    flags = ["--config", "configs/tiny_cpu.yaml"]
+    assert parse_config(flags).critic.share_state_pass
+    assert not parse_config(flags + ["--critic.no-share-state-pass"]).critic.share_state_pass
+
+
 def test_no_row_extending_its_state_keeps_the_three_passes_bit_for_bit():
     critic = make_critic().eval()
     s, s_mask, n, n_mask = extended_batch()
