@@ -61,12 +61,7 @@ def report(rounds: int) -> None:
               f"memory ratio {peaks['logits'] / peaks['fused']:.2f}x")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

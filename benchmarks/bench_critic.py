@@ -82,12 +82,7 @@ def report(rounds: int) -> None:
               f"{med['separate_passes'] / med['shared_state_pass']:.2f} |")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

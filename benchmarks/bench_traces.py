@@ -114,13 +114,7 @@ def report(rounds: int, threads: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------- pytest-benchmark
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a small shared machine, several threads make timings mostly contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -15,6 +15,18 @@ import pytest
 RATIOS_KEY = pytest.StashKey[dict]()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): on a small shared machine,
+    several threads make timings mostly contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collect_file(file_path, parent):
     """Collect bench_*.py as test modules, unless pytest.ini's python_files already does (or the
     file was named on the command line, which pytest collects by itself)."""
