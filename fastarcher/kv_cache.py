@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import Tensor, nn
 
 
@@ -41,8 +42,9 @@ def select_rows(cache, index: Tensor, first_column: int = 0):
                                         for layer in cache.layers])
 
 
-def repeated_rows(rows: list[list[int]] | list[tuple]) -> tuple[list[int], list[int]]:
-    """(index of each distinct row's first occurrence, each row's distinct index)."""
+def repeated_rows(rows: list[list[int]] | list[tuple], device) -> tuple[Tensor, Tensor] | None:
+    """(index of each distinct row's first occurrence, each row's distinct index) as tensors on `device`, or
+    None when fewer than half the rows repeat one: too little to share a forward for."""
     seen: dict[tuple, int] = {}
     first, inverse = [], []
     for i, row in enumerate(rows):
@@ -51,4 +53,6 @@ def repeated_rows(rows: list[list[int]] | list[tuple]) -> tuple[list[int], list[
             seen[key] = len(first)
             first.append(i)
         inverse.append(seen[key])
-    return first, inverse
+    if 2 * len(first) > len(inverse):
+        return None
+    return torch.tensor(first, device=device), torch.tensor(inverse, device=device)

@@ -118,9 +118,11 @@ def _step_peak(modules: list[nn.Module], optimizer, step) -> int:
 def _engine_in_bf16(cfg) -> bool:
     """Under torchrun the HF engine's copy takes the policy's mixed-precision dtype: bf16 when asked, or by
     default ('auto') on CUDA (device 'auto' resolved on this machine, as the trainer would)."""
-    mode = cfg.model.mixed_precision
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    return mode == "bf16" or (mode == "auto" and cuda)
+    from fastarcher.dist import wants_cuda
+    from fastarcher.parallel import mixed_precision_policy
+
+    device = torch.device("cuda" if wants_cuda(cfg.device) else "cpu")
+    return mixed_precision_policy(cfg.model.mixed_precision, device) is not None
 
 
 def plan_memory(cfg, world_size: int = 1) -> MemoryPlan:

@@ -82,16 +82,16 @@ def shared_prefix(policy: nn.Module, state: Tensor, state_len: Tensor, state_mas
         return None
     if isinstance(next(policy.parameters()), DTensor):
         return None  # FSDP2 frees the gathered weights after each root forward: two before one backward fail
-    first, inverse = repeated_rows(state.masked_fill(~state_mask, -1).tolist())
-    if 2 * len(first) > len(inverse):
+    shared = repeated_rows(state.masked_fill(~state_mask, -1).tolist(), state.device)
+    if shared is None:
         return None
-    pick = torch.tensor(first, device=state.device)
+    pick, inverse = shared
     out = policy(input_ids=state[pick, :-1], attention_mask=state_mask[pick, :-1].long(),
                  position_ids=position_ids[pick, : state.shape[1] - 1], logits_to_keep=1, use_cache=True)
     cache = cache_of(out)
     if cache is None or not plain_layers(cache):
         return None
-    return select_rows(cache, torch.tensor(inverse, device=state.device))
+    return select_rows(cache, inverse)
 
 
 def action_logprobs(

@@ -282,16 +282,15 @@ class HFEngine:
     def _shared_prefill(self, prompts: list[list[int]], ids: Tensor, mask: Tensor, positions: Tensor):
         """Prefill each distinct prompt once and give every row its prompt's keys/values and last logits
         (a group's episodes start from one prompt). (None, None) when fewer than half the rows repeat one."""
-        first, inverse = repeated_rows(prompts)
-        if 2 * len(first) > len(inverse):
+        shared = repeated_rows(prompts, ids.device)
+        if shared is None:
             return None, None
-        pick = torch.tensor(first, device=ids.device)
+        pick, rows = shared
         result = self.model(input_ids=ids[pick], attention_mask=mask[pick], position_ids=positions[pick],
                             use_cache=True, **self._last_logits)
         cache = cache_of(result)
         if not plain_layers(cache):
             return None, None
-        rows = torch.tensor(inverse, device=ids.device)
         return select_rows(cache, rows), result.logits[:, -1].index_select(0, rows)
 
     @staticmethod
